@@ -1,0 +1,412 @@
+"""The embedded broker: a data folder of streams, owned by one process at a time.
+
+Layout of a data folder::
+
+    LOCK                          flock()ed by the owner, holds its PID
+    streams/<name>/stream.json    the stream's configuration
+    streams/<name>/p<N>/          one folder per partition: segments and state.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import (
+    DataDirLockedError,
+    EngineClosedError,
+    InvalidConfigError,
+    NoStreamForSubjectError,
+    StreamExistsError,
+    StreamNotFoundError,
+    SubjectOverlapError,
+)
+from ..message import Message
+from ..subjects import SubjectIndex, patterns_overlap, validate_subject
+from .config import DEFAULT_MAX_MESSAGE_BYTES, StreamConfig, validate_name
+from .partition import write_atomically
+from .stream import BatchAck, Expect, PubAck, Stream
+
+
+@dataclass(frozen=True, slots=True)
+class StartAt:
+    """Where a read begins: ``StartAt.earliest()``, ``latest()``, ``offset(n)`` or ``time(t)``."""
+
+    kind: str
+    value: float = 0
+
+    @classmethod
+    def earliest(cls) -> StartAt:
+        return cls("earliest")
+
+    @classmethod
+    def latest(cls) -> StartAt:
+        return cls("latest")
+
+    @classmethod
+    def offset(cls, offset: int) -> StartAt:
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise InvalidConfigError(f"start offset must be a non-negative integer, not {offset!r}")
+        return cls("offset", offset)
+
+    @classmethod
+    def time(cls, timestamp: float) -> StartAt:
+        """The first message stored at or after ``timestamp`` (seconds since the epoch)."""
+        if isinstance(timestamp, bool) or not isinstance(timestamp, int | float):
+            raise InvalidConfigError(f"start time must be seconds since the epoch, not {timestamp!r}")
+        return cls("time", timestamp)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionInfo:
+    partition: int
+    first_offset: int
+    next_offset: int
+    messages: int
+    bytes: int
+    segments: int
+    last_timestamp: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    config: StreamConfig
+    partitions: tuple[PartitionInfo, ...]
+
+    @property
+    def messages(self) -> int:
+        return sum(p.messages for p in self.partitions)
+
+    @property
+    def bytes(self) -> int:
+        return sum(p.bytes for p in self.partitions)
+
+
+class Engine:
+    """The embedded durable broker. Open with ``await Engine.open(path)``; close when done."""
+
+    def __init__(self, path: Path, max_message_bytes: int, retention_interval_s: float) -> None:
+        self.path = path
+        self.max_message_bytes = max_message_bytes
+        self._retention_interval_s = retention_interval_s
+        self._streams: dict[str, Stream] = {}
+        self._routes: SubjectIndex[Stream] = SubjectIndex()
+        self._route_cache: dict[str, Stream | None] = {}
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pigeon-io")
+        self._lock_fd: int | None = None
+        self._closed = False
+        self._housekeeping: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        retention_interval_s: float = 1.0,
+    ) -> Engine:
+        if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or not (
+            1 <= max_message_bytes <= 64 * 1024 * 1024
+        ):
+            raise InvalidConfigError(
+                f"max_message_bytes must be between 1 and 64 MiB, not {max_message_bytes!r}"
+            )
+        engine = cls(Path(path), max_message_bytes, retention_interval_s)
+        try:
+            await asyncio.get_running_loop().run_in_executor(engine._executor, engine._open_files)
+        except BaseException:
+            engine._release()
+            raise
+        for stream in engine._streams.values():
+            stream.bind(engine._executor)
+        engine._housekeeping = asyncio.get_running_loop().create_task(engine._run_housekeeping())
+        return engine
+
+    def _open_files(self) -> None:
+        (self.path / "streams").mkdir(parents=True, exist_ok=True)
+        self._acquire_lock()
+        for directory in sorted((self.path / "streams").iterdir()):
+            config_file = directory / "stream.json"
+            if not config_file.exists():
+                continue  # a stream whose creation did not finish
+            config = StreamConfig.from_json(json.loads(config_file.read_bytes()))
+            self._add(Stream.open(config, directory, self.max_message_bytes))
+
+    def _acquire_lock(self) -> None:
+        lock_path = self.path / "LOCK"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            pid = int(owner) if owner.isdigit() else None
+            raise DataDirLockedError(
+                f"data folder {self.path} is in use by process {owner or 'unknown'}; "
+                "reach it through that process's `pigeon serve`, or stop it first",
+                pid=pid,
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
+        self._executor.shutdown(wait=True)
+
+    async def close(self) -> None:
+        """Flush and fsync everything, write checkpoints, release the folder. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        await asyncio.gather(*(s.close() for s in self._streams.values()))
+        self._release()
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosedError(f"the engine on {self.path} is closed")
+
+    async def _run_housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(self._retention_interval_s)
+            now = time.time_ns()
+            for stream in list(self._streams.values()):
+                stream.apply_retention(now)
+
+    # -- streams -------------------------------------------------------------------------------
+
+    def _add(self, stream: Stream) -> None:
+        self._streams[stream.name] = stream
+        for pattern in stream.config.subjects:
+            self._routes.add(pattern, stream)
+        self._route_cache.clear()
+
+    async def create_stream(self, config: StreamConfig) -> StreamInfo:
+        """Create a stream; creating one that exists with the same configuration is a no-op."""
+        self._check_open()
+        if not isinstance(config, StreamConfig):
+            raise InvalidConfigError(f"create_stream takes a StreamConfig, not {type(config).__name__}")
+        existing = self._streams.get(config.name)
+        if existing is not None:
+            if existing.config != config:
+                raise StreamExistsError(
+                    f"stream {config.name!r} exists with a different configuration"
+                )
+            return self.stream_info(config.name)
+        for other in self._streams.values():
+            for mine in config.subjects:
+                for theirs in other.config.subjects:
+                    if patterns_overlap(mine, theirs):
+                        raise SubjectOverlapError(
+                            f"stream {config.name!r} subject {mine!r} overlaps {theirs!r} "
+                            f"of stream {other.name!r}"
+                        )
+        directory = self.path / "streams" / config.name
+        loop = asyncio.get_running_loop()
+        stream = await loop.run_in_executor(self._executor, self._create_files, config, directory)
+        stream.bind(self._executor)
+        self._add(stream)
+        return self.stream_info(config.name)
+
+    def _create_files(self, config: StreamConfig, directory: Path) -> Stream:
+        if directory.exists():
+            shutil.rmtree(directory)  # leftovers of a creation or deletion that did not finish
+        stream = Stream.open(config, directory, self.max_message_bytes)
+        write_atomically(directory / "stream.json", json.dumps(config.to_json()).encode())
+        return stream
+
+    async def delete_stream(self, name: str) -> None:
+        self._check_open()
+        stream = self._stream(name)
+        del self._streams[name]
+        for pattern in stream.config.subjects:
+            self._routes.remove(pattern, stream)
+        self._route_cache.clear()
+        await stream.close()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, _remove_stream_files, stream.directory)
+
+    async def purge_stream(self, name: str) -> None:
+        """Remove every message of a stream; offsets continue where they were."""
+        self._check_open()
+        self._stream(name).purge()
+
+    def streams(self) -> list[str]:
+        self._check_open()
+        return sorted(self._streams)
+
+    def _stream(self, name: str) -> Stream:
+        stream = self._streams.get(name)
+        if stream is None:
+            validate_name(name)
+            raise StreamNotFoundError(f"no stream named {name!r}")
+        return stream
+
+    def stream_info(self, name: str) -> StreamInfo:
+        self._check_open()
+        stream = self._stream(name)
+        return StreamInfo(
+            stream.config,
+            tuple(
+                PartitionInfo(
+                    partition=p.number,
+                    first_offset=p.first_offset,
+                    next_offset=p.next_offset,
+                    messages=p.total_msgs,
+                    bytes=p.total_bytes,
+                    segments=len(p.segments),
+                    last_timestamp=p.last_timestamp_ns / 1e9 if p.last_timestamp_ns else None,
+                )
+                for p in stream.partitions
+            ),
+        )
+
+    def stream_for_subject(self, subject: str) -> Stream:
+        stream = self._route_cache.get(subject)
+        if stream is None:
+            validate_subject(subject)
+            found = self._routes.match(subject)
+            if not found:
+                raise NoStreamForSubjectError(f"no stream captures subject {subject!r}")
+            stream = found[0]
+            if len(self._route_cache) > 65536:
+                self._route_cache.clear()
+            self._route_cache[subject] = stream
+        return stream
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        msg_id: str | None = None,
+        expect: Expect | None = None,
+    ) -> PubAck:
+        """Store one message in the stream that captures ``subject``.
+
+        Returns once the record is written under the stream's durability policy.
+        """
+        message = Message(subject, payload, key=key, headers=headers, id=msg_id)
+        acks = await self.publish_batch([message], expect=expect)
+        return acks[0]
+
+    async def publish_batch(
+        self, messages: Sequence[Message], *, expect: Expect | None = None
+    ) -> BatchAck:
+        """Store messages that all go to one stream; each partition's share is written atomically."""
+        self._check_open()
+        if not messages:
+            raise InvalidConfigError("publish_batch needs at least one message")
+        stream = self.stream_for_subject(messages[0].subject)
+        for message in messages:
+            if not isinstance(message, Message):
+                raise InvalidConfigError(f"publish_batch takes Message objects, not {message!r}")
+            if message.subject is not messages[0].subject and self.stream_for_subject(
+                message.subject
+            ) is not stream:
+                raise InvalidConfigError(
+                    f"one batch must go to one stream: {message.subject!r} is not captured "
+                    f"by {stream.name!r}"
+                )
+            if not isinstance(message.payload, bytes | bytearray | memoryview):
+                raise InvalidConfigError(
+                    f"payload must be bytes, not {type(message.payload).__name__}"
+                )
+        return await stream.publish(messages, expect)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _partition(self, stream: str, partition: int):  # type: ignore[no-untyped-def]
+        self._check_open()
+        s = self._stream(stream)
+        if isinstance(partition, bool) or not isinstance(partition, int) or not (
+            0 <= partition < len(s.partitions)
+        ):
+            raise InvalidConfigError(
+                f"stream {stream!r} has partitions 0 to {len(s.partitions) - 1}, not {partition!r}"
+            )
+        return s.partitions[partition]
+
+    def resolve(self, stream: str, partition: int, start: StartAt) -> int:
+        """The offset a read starting at ``start`` begins at."""
+        p = self._partition(stream, partition)
+        if start.kind == "earliest":
+            return int(p.first_offset)
+        if start.kind == "latest":
+            return int(p.next_offset)
+        if start.kind == "offset":
+            return int(start.value)
+        return int(p.offset_for_time(int(start.value * 1e9)))
+
+    def fetch(
+        self, stream: str, partition: int, offset: int, max_messages: int = 100,
+        max_bytes: int | None = None,
+    ) -> list[Message]:
+        """Up to ``max_messages`` messages from ``offset`` on; empty at the end of the log."""
+        return list(self._partition(stream, partition).fetch(offset, max_messages, max_bytes))
+
+    async def read(
+        self, stream: str, partition: int, start: StartAt | None = None, *, batch: int = 1000
+    ) -> AsyncIterator[Message]:
+        """Every message from ``start`` (default earliest) to the current end, streamed from disk."""
+        offset = self.resolve(stream, partition, start or StartAt.earliest())
+        p = self._partition(stream, partition)
+        while True:
+            messages = p.fetch(offset, batch)
+            if not messages:
+                return
+            for message in messages:
+                yield message
+            offset = messages[-1].offset + 1
+            await asyncio.sleep(0)  # let other tasks run between chunks
+            self._check_open()
+
+    async def wait_for_data(
+        self, stream: str, partition: int, offset: int, timeout: float | None
+    ) -> bool:
+        """Wait until a message at ``offset`` or later exists (long polling); False on timeout."""
+        return bool(await self._partition(stream, partition).wait_for_data(offset, timeout))
+
+    def last_message(self, stream: str, subject: str) -> Message | None:
+        """The newest retained message on ``subject`` in ``stream`` (any partition), or None."""
+        self._check_open()
+        validate_subject(subject)
+        best: Message | None = None
+        for p in self._stream(stream).partitions:
+            offset = p.last_by_subject.get(subject)
+            if offset is None:
+                continue
+            found = p.fetch(offset, 1)
+            if found and found[0].subject == subject and (
+                best is None or found[0].timestamp > best.timestamp
+            ):
+                best = found[0]
+        return best
+
+
+def _remove_stream_files(directory: Path) -> None:
+    # Remove the configuration first: a crash midway leaves a folder that opening skips.
+    (directory / "stream.json").unlink(missing_ok=True)
+    shutil.rmtree(directory, ignore_errors=True)

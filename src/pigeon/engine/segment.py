@@ -1,0 +1,284 @@
+"""One segment of a partition's log: a ``.log`` file of record batches and its sparse ``.index``.
+
+The index holds one 16-byte entry ``(relative offset u32, position u32, timestamp_ns i64)``
+per batch that starts at least ``INDEX_INTERVAL`` bytes after the previous entry, plus the
+last batch of a sealed segment, so both "where is offset N" and "where is time T" are a
+binary search and a short forward scan. Index entries are written lazily: recovery rebuilds
+any the log has and the index lacks.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import struct
+from array import array
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import CorruptLogError
+from . import records
+from .records import HEADER_SIZE, BatchHeader
+
+INDEX_INTERVAL = 4096
+INDEX_ENTRY = struct.Struct("<IIq")
+READ_CHUNK = 1 << 20
+
+
+def segment_name(base_offset: int) -> str:
+    return f"{base_offset:020d}"
+
+
+class InvalidBatch(Exception):
+    """A batch failed validation at ``position`` (internal: callers decide torn tail or corruption)."""
+
+    def __init__(self, position: int, reason: str) -> None:
+        super().__init__(reason)
+        self.position = position
+        self.reason = reason
+
+
+class Segment:
+    __slots__ = (
+        "_index_loaded",
+        "_last_indexed_position",
+        "_read_fd",
+        "_unwritten_index",
+        "base_offset",
+        "directory",
+        "index_offsets",
+        "index_positions",
+        "index_timestamps",
+        "last_timestamp_ns",
+        "next_offset",
+        "size",
+        "write_fd",
+    )
+
+    def __init__(self, directory: Path, base_offset: int) -> None:
+        self.directory = directory
+        self.base_offset = base_offset
+        self.next_offset = base_offset
+        self.size = 0
+        self.last_timestamp_ns = 0
+        self.write_fd: int | None = None
+        self._read_fd: int | None = None
+        self.index_offsets = array("I")
+        self.index_positions = array("I")
+        self.index_timestamps = array("q")
+        self._index_loaded = False
+        self._last_indexed_position = -INDEX_INTERVAL
+        self._unwritten_index = bytearray()
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / (segment_name(self.base_offset) + ".log")
+
+    @property
+    def index_path(self) -> Path:
+        return self.directory / (segment_name(self.base_offset) + ".index")
+
+    @property
+    def message_count(self) -> int:
+        return self.next_offset - self.base_offset
+
+    # -- opening -------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, directory: Path, base_offset: int) -> Segment:
+        segment = cls(directory, base_offset)
+        segment.write_fd = os.open(segment.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.close(os.open(segment.index_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+        segment._index_loaded = True
+        return segment
+
+    @classmethod
+    def open_sealed(cls, directory: Path, base_offset: int, next_offset: int) -> Segment:
+        """A segment below the active one: trusted as sealed, nothing read but the index's last entry."""
+        segment = cls(directory, base_offset)
+        segment.next_offset = next_offset
+        segment.size = segment.log_path.stat().st_size
+        segment.last_timestamp_ns = segment._read_last_index_timestamp()
+        return segment
+
+    def _read_last_index_timestamp(self) -> int:
+        try:
+            with open(self.index_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                length = f.tell() - f.tell() % INDEX_ENTRY.size
+                if length == 0:
+                    return 0
+                f.seek(length - INDEX_ENTRY.size)
+                return int(INDEX_ENTRY.unpack(f.read(INDEX_ENTRY.size))[2])
+        except FileNotFoundError:
+            return 0
+
+    def load_index(self, valid_below: int | None = None) -> None:
+        """Read the index file, keeping entries for positions below ``valid_below`` (default: all)."""
+        self.index_offsets = array("I")
+        self.index_positions = array("I")
+        self.index_timestamps = array("q")
+        try:
+            data = self.index_path.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        limit = self.size if valid_below is None else valid_below
+        for rel, position, ts in INDEX_ENTRY.iter_unpack(data[: len(data) - len(data) % 16]):
+            if position >= limit or (self.index_offsets and rel <= self.index_offsets[-1]):
+                break
+            self.index_offsets.append(rel)
+            self.index_positions.append(position)
+            self.index_timestamps.append(ts)
+        if self.index_positions:
+            self._last_indexed_position = self.index_positions[-1]
+        self._index_loaded = True
+
+    def rewrite_index_file(self) -> None:
+        """Make the index file hold exactly the in-memory entries (after recovery changed them)."""
+        entries = b"".join(
+            INDEX_ENTRY.pack(rel, pos, ts)
+            for rel, pos, ts in zip(
+                self.index_offsets, self.index_positions, self.index_timestamps, strict=True
+            )
+        )
+        self.index_path.write_bytes(entries)
+        self._unwritten_index.clear()
+
+    def _ensure_index(self) -> None:
+        if not self._index_loaded:
+            self.load_index()
+
+    def open_for_append(self) -> None:
+        self.write_fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def note_batch(self, position: int, header: BatchHeader) -> None:
+        """Account for a batch at ``position`` (appended now or found by recovery)."""
+        if position - self._last_indexed_position >= INDEX_INTERVAL:
+            self._add_index_entry(header.base_offset, position, header.timestamp_ns)
+        self.next_offset = header.base_offset + header.count
+        self.size = position + header.length
+        if header.timestamp_ns > self.last_timestamp_ns:
+            self.last_timestamp_ns = header.timestamp_ns
+
+    def _add_index_entry(self, offset: int, position: int, timestamp_ns: int) -> None:
+        rel = offset - self.base_offset
+        self.index_offsets.append(rel)
+        self.index_positions.append(position)
+        self.index_timestamps.append(timestamp_ns)
+        self._last_indexed_position = position
+        self._unwritten_index += INDEX_ENTRY.pack(rel, position, timestamp_ns)
+
+    def append(self, data: bytes, base_offset: int, count: int, timestamp_ns: int) -> None:
+        assert self.write_fd is not None
+        position = self.size
+        written = os.write(self.write_fd, data)
+        if written != len(data):
+            # A short write means the disk is full or failing: undo it so the log stays whole.
+            os.ftruncate(self.write_fd, position)
+            raise OSError(f"short write to {self.log_path} ({written} of {len(data)} bytes)")
+        if position - self._last_indexed_position >= INDEX_INTERVAL:
+            self._add_index_entry(base_offset, position, timestamp_ns)
+        self.size = position + len(data)
+        self.next_offset = base_offset + count
+        if timestamp_ns > self.last_timestamp_ns:
+            self.last_timestamp_ns = timestamp_ns
+
+    def flush_index(self) -> None:
+        """Write pending index entries (cheap; called before fsync and at seal)."""
+        if self._unwritten_index:
+            with open(self.index_path, "ab") as f:
+                f.write(self._unwritten_index)
+            self._unwritten_index.clear()
+
+    def seal_index(self, last_batch_position: int, last_batch_offset: int) -> None:
+        """Make sure the last batch is indexed so its timestamp is the segment's newest."""
+        self._ensure_index()
+        if not self.index_positions or self.index_positions[-1] != last_batch_position:
+            if last_batch_position > (self.index_positions[-1] if self.index_positions else -1):
+                self._add_index_entry(last_batch_offset, last_batch_position, self.last_timestamp_ns)
+        self.flush_index()
+
+    def truncate(self, position: int) -> None:
+        """Drop everything from ``position`` on (recovery of a torn tail)."""
+        os.truncate(self.log_path, position)
+        self.size = position
+
+    def close(self) -> None:
+        for fd in (self.write_fd, self._read_fd):
+            if fd is not None:
+                os.close(fd)
+        self.write_fd = self._read_fd = None
+
+    def delete(self) -> None:
+        self.close()
+        for path in (self.log_path, self.index_path):
+            path.unlink(missing_ok=True)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _reader(self) -> int:
+        if self._read_fd is None:
+            self._read_fd = os.open(self.log_path, os.O_RDONLY)
+        return self._read_fd
+
+    def position_for_offset(self, offset: int) -> int:
+        """Position of an indexed batch at or before ``offset`` (scan forward from there)."""
+        self._ensure_index()
+        i = bisect.bisect_right(self.index_offsets, offset - self.base_offset) - 1
+        return 0 if i < 0 else self.index_positions[i]
+
+    def position_for_time(self, timestamp_ns: int) -> int:
+        """Position of an indexed batch older than ``timestamp_ns`` (scan forward from there)."""
+        self._ensure_index()
+        i = bisect.bisect_left(self.index_timestamps, timestamp_ns) - 1
+        return 0 if i < 0 else self.index_positions[i]
+
+    def batches(
+        self, position: int, end: int | None = None, chunk: int = READ_CHUNK
+    ) -> Iterator[tuple[bytes, int, BatchHeader]]:
+        """Validated batches from ``position`` to ``end`` as (buffer, position in buffer, header).
+
+        Raises `InvalidBatch` at the first batch that is short, malformed or fails its CRC.
+        """
+        fd = self._reader()
+        end = self.size if end is None else end
+        file_pos = position
+        while file_pos < end:
+            buf = os.pread(fd, min(chunk, end - file_pos), file_pos)
+            if not buf:
+                raise InvalidBatch(file_pos, "file ends before its recorded size")
+            pos = 0
+            while pos < len(buf):
+                if len(buf) - pos < HEADER_SIZE:
+                    if pos == 0 or file_pos + pos + HEADER_SIZE > end:
+                        raise InvalidBatch(file_pos + pos, "truncated batch header")
+                    break
+                try:
+                    header = BatchHeader(buf, pos)
+                except ValueError as exc:
+                    raise InvalidBatch(file_pos + pos, str(exc)) from None
+                if pos + header.length > len(buf):
+                    if file_pos + pos + header.length > end:
+                        raise InvalidBatch(file_pos + pos, "batch runs past the end of the file")
+                    if pos == 0:
+                        buf = os.pread(fd, header.length, file_pos)
+                        if len(buf) < header.length:
+                            raise InvalidBatch(file_pos, "batch runs past the end of the file")
+                    else:
+                        break
+                if not records.crc_ok(buf, pos, header):
+                    raise InvalidBatch(file_pos + pos, "CRC32C mismatch")
+                yield buf, pos, header
+                pos += header.length
+            file_pos += pos
+
+    def corrupt_error(self, exc: InvalidBatch) -> CorruptLogError:
+        return CorruptLogError(
+            f"corrupt record batch in {self.log_path} at byte {exc.position}: {exc.reason}. "
+            f"Run `python -m pigeon.engine.repair {self.directory.parent.parent.parent}` "
+            "to salvage every valid batch.",
+            path=str(self.log_path),
+            position=exc.position,
+        )

@@ -1,0 +1,81 @@
+"""Every exception pigeon raises on purpose.
+
+A user's mistake or a refused operation always surfaces as one of these, with a message
+that names what was wrong, so callers can catch precisely and the CLI can print one line.
+"""
+
+from __future__ import annotations
+
+
+class PigeonError(Exception):
+    """Base of every error pigeon raises deliberately."""
+
+
+class InvalidSubjectError(PigeonError, ValueError):
+    """A subject or subscription pattern breaks the token syntax."""
+
+
+class InvalidNameError(PigeonError, ValueError):
+    """A stream, group or other resource name is not allowed."""
+
+
+class InvalidConfigError(PigeonError, ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+class MessageTooLargeError(PigeonError, ValueError):
+    """A message exceeds the configured maximum size."""
+
+
+class StreamNotFoundError(PigeonError, LookupError):
+    """No stream has that name."""
+
+
+class StreamExistsError(PigeonError):
+    """A stream with that name exists already with a different configuration."""
+
+
+class NoStreamForSubjectError(PigeonError, LookupError):
+    """A durable publish named a subject that no stream captures."""
+
+
+class SubjectOverlapError(PigeonError, ValueError):
+    """A stream's subjects overlap those another stream already captures."""
+
+
+class StreamFullError(PigeonError):
+    """The stream reached a limit and its discard policy rejects new messages."""
+
+
+class ConcurrencyConflictError(PigeonError):
+    """An optimistic-concurrency expectation on a publish did not hold; nothing was written."""
+
+    def __init__(self, message: str, *, expected: int | None, actual: int | None) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.actual = actual
+
+
+class EngineClosedError(PigeonError):
+    """The engine was closed; no further operations are possible."""
+
+
+class DataDirLockedError(PigeonError):
+    """Another process owns the data folder."""
+
+    def __init__(self, message: str, *, pid: int | None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+class CorruptLogError(PigeonError):
+    """Stored data failed validation somewhere other than the unacknowledged tail."""
+
+    def __init__(self, message: str, *, path: str, position: int) -> None:
+        super().__init__(message)
+        self.path = path
+        self.position = position
+
+
+class InvalidMessageError(PigeonError, ValueError):
+    """A message field (id, key, header) is malformed."""
