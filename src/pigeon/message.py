@@ -130,34 +130,6 @@ class Message:
         """True when the publisher chose this message's id (it is then used for deduplication)."""
         return self._id is not None and self._id_number is None
 
-    @classmethod
-    def _stored(
-        cls,
-        subject: str,
-        payload: bytes,
-        key: str | None,
-        headers: dict[str, str],
-        id: str | None,
-        id_number: int | None,
-        timestamp: float,
-        stream: str,
-        partition: int,
-        offset: int,
-    ) -> Message:
-        # Read paths build millions of these: skip __init__'s defaulting and copying.
-        msg = cls.__new__(cls)
-        msg.subject = subject
-        msg.payload = payload
-        msg.key = key
-        msg.headers = headers
-        msg._id = id
-        msg._id_number = id_number
-        msg.timestamp = timestamp
-        msg.stream = stream
-        msg.partition = partition
-        msg.offset = offset
-        return msg
-
     def __repr__(self) -> str:
         where = "" if self.offset is None else f" at {self.stream}[{self.partition}]@{self.offset}"
         return f"<Message {self.subject!r} id={self.id}{where} {len(self.payload)} bytes>"

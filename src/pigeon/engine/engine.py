@@ -24,6 +24,7 @@ from ..errors import (
     DataDirLockedError,
     EngineClosedError,
     InvalidConfigError,
+    InvalidMessageError,
     NoStreamForSubjectError,
     StreamExistsError,
     StreamNotFoundError,
@@ -308,9 +309,30 @@ class Engine:
 
         Returns once the record is written under the stream's durability policy.
         """
-        message = Message(subject, payload, key=key, headers=headers, id=msg_id)
-        acks = await self.publish_batch([message], expect=expect)
-        return acks[0]
+        self._check_open()
+        stream = self.stream_for_subject(subject)
+        _check_payload(payload)
+        if key is not None and not isinstance(key, str):
+            raise InvalidMessageError(f"key must be text, not {type(key).__name__}")
+        if msg_id is not None and not isinstance(msg_id, str):
+            raise InvalidMessageError(f"msg_id must be text, not {type(msg_id).__name__}")
+        return await stream.publish_one(
+            subject, payload, key, dict(headers) if headers else None, msg_id, expect
+        )
+
+    async def publish_many(
+        self, subject: str, payloads: Sequence[bytes], *, key: str | None = None
+    ) -> BatchAck:
+        """Store many payloads on one subject as one atomic batch in one partition (bulk loads)."""
+        self._check_open()
+        stream = self.stream_for_subject(subject)
+        if not payloads:
+            raise InvalidConfigError("publish_many needs at least one payload")
+        if not all(isinstance(p, bytes) for p in payloads):
+            raise InvalidConfigError("publish_many takes a sequence of bytes payloads")
+        if key is not None and not isinstance(key, str):
+            raise InvalidMessageError(f"key must be text, not {type(key).__name__}")
+        return await stream.publish_many(subject, payloads, key)
 
     async def publish_batch(
         self, messages: Sequence[Message], *, expect: Expect | None = None
@@ -330,10 +352,7 @@ class Engine:
                     f"one batch must go to one stream: {message.subject!r} is not captured "
                     f"by {stream.name!r}"
                 )
-            if not isinstance(message.payload, bytes | bytearray | memoryview):
-                raise InvalidConfigError(
-                    f"payload must be bytes, not {type(message.payload).__name__}"
-                )
+            _check_payload(message.payload)
         return await stream.publish(messages, expect)
 
     # -- reading ------------------------------------------------------------------------------
@@ -404,6 +423,11 @@ class Engine:
             ):
                 best = found[0]
         return best
+
+
+def _check_payload(payload: object) -> None:
+    if not isinstance(payload, bytes):
+        raise InvalidMessageError(f"payload must be bytes, not {type(payload).__name__}")
 
 
 def _remove_stream_files(directory: Path) -> None:

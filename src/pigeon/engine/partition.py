@@ -115,7 +115,7 @@ class Partition:
                 self.recent_by_subject = {
                     s: deque(offsets) for s, offsets in checkpoint.get("recent", {}).items()
                 }
-            self.recovered_ids = [tuple(entry) for entry in checkpoint["ids"]]  # type: ignore[misc]
+            self.recovered_ids = [(e[0], e[1], e[2]) for e in checkpoint["ids"]]
         if not bases:
             self.segments = [Segment.create(self.directory, self.next_offset)]
             self.bases = [self.next_offset]
@@ -237,19 +237,27 @@ class Partition:
     def append(
         self,
         encoded: list[bytes],
-        subjects: list[str],
+        subjects: list[str] | str,
         explicit_ids: list[tuple[str, int]] | None,
         timestamp_ns: int,
         base_id: int,
+        uniform: bool = False,
     ) -> tuple[int, int]:
-        """Write one batch; returns (base offset, write sequence for `wait_durable`)."""
+        """Write one batch; returns (base offset, write sequence for `wait_durable`).
+
+        ``subjects`` is one subject per record, or a single subject shared by all. ``uniform``
+        says every record has that one subject and no optional field.
+        """
         base_offset = self.next_offset
         if timestamp_ns < self.last_timestamp_ns:
             timestamp_ns = self.last_timestamp_ns  # keep time monotonic for the time index
-        batch = records.encode_batch(base_offset, timestamp_ns, base_id, encoded)
+        batch = records.encode_batch(
+            base_offset, timestamp_ns, base_id, encoded, uniform and records.UNIFORM
+        )
         active = self.active
         if active.size and (
-            active.size + len(batch) > self.config.segment_bytes or self._segment_too_old(timestamp_ns)
+            active.size + len(batch) > self.config.segment_bytes
+            or (self.config.segment_age_s is not None and self._segment_too_old(timestamp_ns))
         ):
             self.roll()
             active = self.active
@@ -260,9 +268,12 @@ class Partition:
         self.last_timestamp_ns = timestamp_ns
         self.total_bytes += len(batch)
         self.total_msgs += len(encoded)
-        last = self.last_by_subject
-        recent = self.recent_by_subject
-        if recent is None:
+        if isinstance(subjects, str) and self.recent_by_subject is None:
+            self.last_by_subject[subjects] = self.next_offset - 1
+        elif isinstance(subjects, str):
+            self._remember_recent([subjects] * len(encoded), base_offset)
+        elif self.recent_by_subject is None:
+            last = self.last_by_subject
             for i, subject in enumerate(subjects):
                 last[subject] = base_offset + i
         else:
@@ -299,9 +310,9 @@ class Partition:
                 offsets.popleft()
 
     def _segment_too_old(self, timestamp_ns: int) -> bool:
-        age = self.config.segment_age_s
+        assert self.config.segment_age_s is not None
         first_ts = self.active.index_timestamps[0] if self.active.index_timestamps else timestamp_ns
-        return age is not None and timestamp_ns - first_ts > age * 1e9
+        return timestamp_ns - first_ts > self.config.segment_age_s * 1e9
 
     def roll(self) -> None:
         """Seal the active segment and start a new one; the seal's fsync runs in the background."""

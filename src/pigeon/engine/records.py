@@ -44,6 +44,10 @@ EXPLICIT_ID = 1
 KEY = 2
 HEADERS = 4
 
+# Batch attribute: every record has the same subject and no optional field (bulk publishes),
+# so reading can skip per-record subject and flag handling.
+UNIFORM = 1
+
 MAX_ID_BYTES = 255
 MAX_KEY_BYTES = 0xFFFF
 
@@ -131,25 +135,37 @@ def encode_record(
     return b"".join(parts)
 
 
-def encode_batch(base_offset: int, timestamp_ns: int, base_id: int, records: Sequence[bytes]) -> bytes:
+def encode_plain_records(subject: str, payloads: Sequence[bytes]) -> list[bytes]:
+    """Records with only a subject and a payload: the bulk-publish fast path."""
+    subject_bytes = _encode_subject(subject)
+    overhead = 3 + len(subject_bytes)
+    pack = _RECORD.pack
+    subject_len = len(subject_bytes)
+    return [pack(overhead + len(p), 0, subject_len) + subject_bytes + p for p in payloads]
+
+
+def encode_batch(
+    base_offset: int, timestamp_ns: int, base_id: int, records: Sequence[bytes], attributes: int = 0
+) -> bytes:
     body = b"".join(records)
     tail = HEADER.pack(
         0, 0, 0, 0, base_offset, len(records), timestamp_ns, base_id >> 64, base_id & (2**64 - 1)
     )[_CRC_START:] + body
-    return _LENGTH_AT.pack(MAGIC, 0, _CRC_START + len(tail)) + _U32.pack(crc32c(tail)) + tail
+    return _LENGTH_AT.pack(MAGIC, attributes, _CRC_START + len(tail)) + _U32.pack(crc32c(tail)) + tail
 
 
 class BatchHeader:
     """The fixed part of a batch, parsed without touching its records."""
 
-    __slots__ = ("base_id", "base_offset", "count", "crc", "length", "timestamp_ns")
+    __slots__ = ("attributes", "base_id", "base_offset", "count", "crc", "length", "timestamp_ns")
 
     def __init__(self, buf: bytes | memoryview, pos: int) -> None:
-        magic, _attrs, length, crc, base_offset, count, ts, id_hi, id_lo = HEADER.unpack_from(buf, pos)
+        magic, attributes, length, crc, base_offset, count, ts, id_hi, id_lo = HEADER.unpack_from(buf, pos)
         if magic != MAGIC:
             raise ValueError(f"bad magic byte {magic:#x}")
         if length < HEADER_SIZE:
             raise ValueError(f"batch length {length} is shorter than a header")
+        self.attributes: int = attributes
         self.length: int = length
         self.crc: int = crc
         self.base_offset: int = base_offset
@@ -174,15 +190,25 @@ def decode_records(
     partition: int,
     min_offset: int = 0,
 ) -> list[Message]:
-    """Messages of one (already validated) batch, skipping offsets below ``min_offset``."""
+    """Messages of one (already validated) batch, skipping offsets below ``min_offset``.
+
+    This is the read path's inner loop: messages are built without calling ``__init__``,
+    and a run of records on one subject decodes the subject once.
+    """
+    if header.attributes & UNIFORM:
+        return _decode_uniform(buf, pos, header, stream, partition, min_offset)
     end = pos + header.length
     pos += HEADER_SIZE
     offset = header.base_offset
-    base_id = header.base_id
+    id_delta = header.base_id - offset
     timestamp = header.timestamp_ns / 1e9
-    stored = Message._stored
+    new = Message.__new__
     unpack_record = _RECORD.unpack_from
-    out = []
+    startswith = buf.startswith
+    last_raw = b""
+    subject = ""
+    out: list[Message] = []
+    append = out.append
     while pos < end:
         length, flags, subject_len = unpack_record(buf, pos)
         record_end = pos + 4 + length
@@ -191,36 +217,86 @@ def decode_records(
             offset += 1
             continue
         pos += 7
-        subject = _decode_subject(buf[pos : pos + subject_len])
+        if subject_len != len(last_raw) or not startswith(last_raw, pos):
+            last_raw = buf[pos : pos + subject_len]
+            subject = _decode_subject(last_raw)
         pos += subject_len
+        message = new(Message)
+        message.subject = subject
+        message.stream = stream
+        message.partition = partition
+        message.offset = offset
+        message.timestamp = timestamp
         if flags == 0:
-            out.append(
-                stored(subject, buf[pos:record_end], None, {}, None,
-                       base_id + offset - header.base_offset, timestamp, stream, partition, offset)
-            )
+            message._id = None
+            message._id_number = id_delta + offset
+            message.key = None
+            message.headers = {}
         else:
-            explicit_id = key = None
-            headers: dict[str, str] = {}
-            if flags & EXPLICIT_ID:
-                id_len = buf[pos]
-                explicit_id = buf[pos + 1 : pos + 1 + id_len].decode()
-                pos += 1 + id_len
-            if flags & KEY:
-                (key_len,) = _U16.unpack_from(buf, pos)
-                key = buf[pos + 2 : pos + 2 + key_len].decode()
-                pos += 2 + key_len
-            if flags & HEADERS:
-                (headers_len,) = _U32.unpack_from(buf, pos)
-                headers = decode_headers(buf[pos + 4 : pos + 4 + headers_len])
-                pos += 4 + headers_len
-            id_number = None if explicit_id is not None else base_id + offset - header.base_offset
-            out.append(
-                stored(subject, buf[pos:record_end], key, headers, explicit_id, id_number,
-                       timestamp, stream, partition, offset)
-            )
+            pos = _decode_optional_fields(buf, pos, flags, message, id_delta + offset)
+        message.payload = buf[pos:record_end]
+        append(message)
         pos = record_end
         offset += 1
     return out
+
+
+def _decode_uniform(
+    buf: bytes, pos: int, header: BatchHeader, stream: str, partition: int, min_offset: int
+) -> list[Message]:
+    end = pos + header.length
+    pos += HEADER_SIZE
+    (subject_len,) = _U16.unpack_from(buf, pos + 5)
+    subject = _decode_subject(buf[pos + 7 : pos + 7 + subject_len])
+    skip = 7 + subject_len
+    offset = header.base_offset
+    id_delta = header.base_id - offset
+    timestamp = header.timestamp_ns / 1e9
+    new = Message.__new__
+    unpack_length = _U32.unpack_from
+    out: list[Message] = []
+    append = out.append
+    while pos < end:
+        (length,) = unpack_length(buf, pos)
+        record_end = pos + 4 + length
+        if offset >= min_offset:
+            message = new(Message)
+            message.subject = subject
+            message.stream = stream
+            message.partition = partition
+            message.offset = offset
+            message.timestamp = timestamp
+            message._id = None
+            message._id_number = id_delta + offset
+            message.key = None
+            message.headers = {}
+            message.payload = buf[pos + skip : record_end]
+            append(message)
+        pos = record_end
+        offset += 1
+    return out
+
+
+def _decode_optional_fields(buf: bytes, pos: int, flags: int, message: Message, id_number: int) -> int:
+    if flags & EXPLICIT_ID:
+        id_len = buf[pos]
+        message._id = buf[pos + 1 : pos + 1 + id_len].decode()
+        message._id_number = None
+        pos += 1 + id_len
+    else:
+        message._id = None
+        message._id_number = id_number
+    message.key = None
+    if flags & KEY:
+        (key_len,) = _U16.unpack_from(buf, pos)
+        message.key = buf[pos + 2 : pos + 2 + key_len].decode()
+        pos += 2 + key_len
+    message.headers = {}
+    if flags & HEADERS:
+        (headers_len,) = _U32.unpack_from(buf, pos)
+        message.headers = decode_headers(buf[pos + 4 : pos + 4 + headers_len])
+        pos += 4 + headers_len
+    return pos
 
 
 def record_facts(buf: bytes, pos: int, header: BatchHeader) -> list[tuple[str, str | None]]:

@@ -195,9 +195,8 @@ class Segment:
     def seal_index(self, last_batch_position: int, last_batch_offset: int) -> None:
         """Make sure the last batch is indexed so its timestamp is the segment's newest."""
         self._ensure_index()
-        if not self.index_positions or self.index_positions[-1] != last_batch_position:
-            if last_batch_position > (self.index_positions[-1] if self.index_positions else -1):
-                self._add_index_entry(last_batch_offset, last_batch_position, self.last_timestamp_ns)
+        if last_batch_position > (self.index_positions[-1] if self.index_positions else -1):
+            self._add_index_entry(last_batch_offset, last_batch_position, self.last_timestamp_ns)
         self.flush_index()
 
     def truncate(self, position: int) -> None:

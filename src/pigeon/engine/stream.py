@@ -40,7 +40,7 @@ class BatchAck(Sequence[PubAck]):
     __slots__ = ("_duplicates", "_offsets", "_partitions", "stream")
 
     def __init__(
-        self, stream: str, partitions: list[int], offsets: list[int], duplicates: set[int]
+        self, stream: str, partitions: Sequence[int], offsets: Sequence[int], duplicates: set[int]
     ) -> None:
         self.stream = stream
         self._partitions = partitions
@@ -74,6 +74,25 @@ class Expect:
     last_subject_offset: int | None = None
 
 
+class _Group:
+    """The messages of one publish bound for one partition."""
+
+    __slots__ = ("encoded", "explicit_ids", "indexes", "subjects")
+
+    def __init__(self) -> None:
+        self.indexes: list[int] = []
+        self.encoded: list[bytes] = []
+        self.subjects: list[str] = []
+        self.explicit_ids: list[tuple[str, int]] = []
+
+    def add(self, index: int, record: bytes, subject: str, explicit_id: str | None) -> None:
+        if explicit_id is not None:
+            self.explicit_ids.append((explicit_id, len(self.encoded)))
+        self.indexes.append(index)
+        self.encoded.append(record)
+        self.subjects.append(subject)
+
+
 class Stream:
     def __init__(self, config: StreamConfig, directory: Path, max_message_bytes: int) -> None:
         self.config = config
@@ -83,6 +102,8 @@ class Stream:
         self.partitions: list[Partition] = []
         self.dedup = DedupWindow(config.dedup_window_s)
         self._round_robin = itertools.cycle(range(config.partitions))
+        self._id_ms = -1
+        self._id_next = 0
 
     @classmethod
     def open(cls, config: StreamConfig, directory: Path, max_message_bytes: int) -> Stream:
@@ -102,6 +123,92 @@ class Stream:
     def partition_for(self, key: str) -> int:
         return partition_for_key(key.encode(), self.config.partitions)
 
+    def _next_id_base(self, now_ns: int, count: int) -> int:
+        """Ids for ``count`` messages: a fresh random UUIDv7 base each millisecond, counted up within it."""
+        now_ms = now_ns // 1_000_000
+        if now_ms != self._id_ms:
+            self._id_ms = now_ms
+            self._id_next = new_id_base(now_ms)
+        base = self._id_next
+        self._id_next += count
+        return base
+
+    async def _append(
+        self,
+        partition: Partition,
+        encoded: list[bytes],
+        subjects: list[str] | str,
+        explicit_ids: list[tuple[str, int]] | None,
+        now_ns: int,
+        uniform: bool = False,
+    ) -> int:
+        """Append one batch to one partition and wait as its durability policy says."""
+        base_offset, seq = partition.append(
+            encoded, subjects, explicit_ids, now_ns, self._next_id_base(now_ns, len(encoded)), uniform
+        )
+        if partition.rolled:
+            self.apply_retention(now_ns)
+        if self.config.durability == "always":
+            await partition.wait_durable(seq)
+        return base_offset
+
+    async def _duplicate(self, seen: tuple[int, int]) -> PubAck:
+        partition = self.partitions[seen[0]]
+        if self.config.durability == "always":
+            # The original may still be waiting for its fsync: a duplicate is acked no sooner.
+            await partition.wait_durable(partition.written)
+        return PubAck(self.name, seen[0], seen[1], True)
+
+    async def publish_one(
+        self,
+        subject: str,
+        payload: bytes,
+        key: str | None,
+        headers: dict[str, str] | None,
+        msg_id: str | None,
+        expect: Expect | None,
+    ) -> PubAck:
+        """The single-message path (no lists, no grouping): most publishes take it."""
+        now_ns = time.time_ns()
+        if msg_id is not None:
+            seen = self.dedup.lookup(msg_id, now_ns)
+            if seen is not None:
+                return await self._duplicate(seen)
+        record = records.encode_record(subject, payload, key, headers or {}, msg_id)
+        self._check_size(subject, record)
+        p = next(self._round_robin) if key is None else self.partition_for(key)
+        partition = self.partitions[p]
+        if expect is not None:
+            self._check_expectations(p, subject, expect)
+        if self.config.discard == "new":
+            self._check_room(1, len(record))
+        offset = await self._append(
+            partition, [record], subject, None if msg_id is None else [(msg_id, 0)], now_ns
+        )
+        return PubAck(self.name, p, offset)
+
+    async def publish_many(
+        self, subject: str, payloads: Sequence[bytes], key: str | None
+    ) -> BatchAck:
+        """Bulk path: one subject, payloads only, one partition, one atomic batch."""
+        now_ns = time.time_ns()
+        encoded = records.encode_plain_records(subject, payloads)
+        self._check_size(subject, max(encoded, key=len))
+        p = next(self._round_robin) if key is None else self.partition_for(key)
+        if self.config.discard == "new":
+            self._check_room(len(encoded), sum(map(len, encoded)))
+        base_offset = await self._append(self.partitions[p], encoded, subject, None, now_ns, True)
+        return BatchAck(
+            self.name, [p] * len(encoded), range(base_offset, base_offset + len(encoded)), set()
+        )
+
+    def _check_size(self, subject: str, record: bytes) -> None:
+        if len(record) > self.max_message_bytes:
+            raise MessageTooLargeError(
+                f"message on {subject!r} is {len(record)} bytes encoded; "
+                f"the maximum is {self.max_message_bytes}"
+            )
+
     async def publish(self, messages: Sequence[Message], expect: Expect | None = None) -> BatchAck:
         """Append messages (already validated and routed to this stream) and return their acks.
 
@@ -111,85 +218,64 @@ class Stream:
         count = len(messages)
         partitions = [0] * count
         offsets = [0] * count
-        duplicates: set[int] = set()
-        # partition -> (message indexes, encoded records, subjects, explicit ids)
-        groups: dict[int, tuple[list[int], list[bytes], list[str], list[tuple[str, int]]]] = {}
+        duplicates: dict[int, tuple[int, int] | int] = {}  # index -> where, or the batch original
+        groups: dict[int, _Group] = {}
         # Unkeyed messages of one call stick to one partition (big atomic batches); the
         # partition rotates between calls, which spreads them evenly.
         unkeyed_partition = next(self._round_robin)
         batch_ids: dict[str, int] = {}
-        limit = self.max_message_bytes
         encode = records.encode_record
-        dedup = self.dedup
         for i, message in enumerate(messages):
             explicit_id = message._id if message._id_number is None else None
             if explicit_id is not None:
                 if explicit_id in batch_ids:
-                    duplicates.add(i)
-                    partitions[i] = -1 - batch_ids[explicit_id]  # resolved after the write
+                    duplicates[i] = batch_ids[explicit_id]
                     continue
-                seen = dedup.lookup(explicit_id, now_ns)
+                seen = self.dedup.lookup(explicit_id, now_ns)
                 if seen is not None:
-                    duplicates.add(i)
-                    partitions[i], offsets[i] = seen
+                    duplicates[i] = seen
                     continue
                 batch_ids[explicit_id] = i
             record = encode(message.subject, message.payload, message.key, message.headers, explicit_id)
-            if len(record) > limit:
-                raise MessageTooLargeError(
-                    f"message on {message.subject!r} is {len(record)} bytes encoded; "
-                    f"the maximum is {limit}"
-                )
+            self._check_size(message.subject, record)
             key = message.key
             p = unkeyed_partition if key is None else self.partition_for(key)
             group = groups.get(p)
             if group is None:
-                group = groups[p] = ([], [], [], [])
-            group[0].append(i)
-            group[1].append(record)
-            group[2].append(message.subject)
-            if explicit_id is not None:
-                group[3].append((explicit_id, len(group[1]) - 1))
+                group = groups[p] = _Group()
+            group.add(i, record, message.subject, explicit_id)
         if expect is not None:
-            self._check_expectations(messages, groups, expect)
+            if len(groups) != 1:
+                raise InvalidMessageError(
+                    "a publish with expectations must put all its messages in one partition: "
+                    "give them the same key"
+                )
+            ((p, group),) = groups.items()
+            self._check_expectations(p, group.subjects[0], expect)
         if self.config.discard == "new":
-            self._check_room(groups)
-        sequences = []
-        base_id = new_id_base(now_ns // 1_000_000)
-        for p, (indexes, encoded, subjects, explicit_ids) in groups.items():
-            partition = self.partitions[p]
-            base_offset, seq = partition.append(encoded, subjects, explicit_ids, now_ns, base_id)
-            base_id += len(encoded)
-            sequences.append((partition, seq))
-            for n, i in enumerate(indexes):
+            self._check_room(
+                sum(len(g.encoded) for g in groups.values()),
+                sum(sum(map(len, g.encoded)) for g in groups.values()),
+            )
+        base_offsets = await asyncio.gather(
+            *(
+                self._append(self.partitions[p], g.encoded, g.subjects, g.explicit_ids, now_ns)
+                for p, g in groups.items()
+            )
+        )
+        for (p, group), base_offset in zip(groups.items(), base_offsets, strict=True):
+            for n, i in enumerate(group.indexes):
                 partitions[i] = p
                 offsets[i] = base_offset + n
-        if any(self.partitions[p].rolled for p in groups):
-            self.apply_retention(now_ns)
-        for i in duplicates:
-            if partitions[i] < 0:
-                original = -1 - partitions[i]
-                partitions[i], offsets[i] = partitions[original], offsets[original]
-        if self.config.durability == "always":
-            # A duplicate's original may still be waiting for its fsync: wait for it too.
-            for i in duplicates:
-                partition = self.partitions[partitions[i]]
-                sequences.append((partition, partition.written))
-            await asyncio.gather(*(p.wait_durable(seq) for p, seq in sequences))
-        return BatchAck(self.name, partitions, offsets, duplicates)
+        for i, where in duplicates.items():
+            if isinstance(where, int):
+                partitions[i], offsets[i] = partitions[where], offsets[where]
+            else:
+                ack = await self._duplicate(where)
+                partitions[i], offsets[i] = ack.partition, ack.offset
+        return BatchAck(self.name, partitions, offsets, set(duplicates))
 
-    def _check_expectations(
-        self,
-        messages: Sequence[Message],
-        groups: dict[int, tuple[list[int], list[bytes], list[str], list[tuple[str, int]]]],
-        expect: Expect,
-    ) -> None:
-        if len(groups) != 1:
-            raise InvalidMessageError(
-                "a publish with expectations must put all its messages in one partition: "
-                "give them the same key"
-            )
-        (p, (indexes, _, subjects, _)), = groups.items()
+    def _check_expectations(self, p: int, subject: str, expect: Expect) -> None:
         partition = self.partitions[p]
         if expect.last_offset is not None:
             actual = partition.next_offset - 1
@@ -201,7 +287,6 @@ class Stream:
                     actual=actual,
                 )
         if expect.last_subject_offset is not None:
-            subject = subjects[0]
             actual = partition.last_by_subject.get(subject, -1)
             if actual != expect.last_subject_offset:
                 raise ConcurrencyConflictError(
@@ -211,17 +296,14 @@ class Stream:
                     actual=actual,
                 )
 
-    def _check_room(
-        self, groups: dict[int, tuple[list[int], list[bytes], list[str], list[tuple[str, int]]]]
-    ) -> None:
-        new_msgs = sum(len(g[1]) for g in groups.values())
-        new_bytes = sum(sum(map(len, g[1])) + records.HEADER_SIZE for g in groups.values())
+    def _check_room(self, new_msgs: int, new_bytes: int) -> None:
         config = self.config
         if config.max_msgs is not None and self.total_msgs + new_msgs > config.max_msgs:
             raise StreamFullError(
                 f"stream {self.name!r} is full: {self.total_msgs} of {config.max_msgs} messages "
                 "(discard=new rejects new messages)"
             )
+        new_bytes += records.HEADER_SIZE
         if config.max_bytes is not None and self.total_bytes + new_bytes > config.max_bytes:
             raise StreamFullError(
                 f"stream {self.name!r} is full: {self.total_bytes} of {config.max_bytes} bytes "
