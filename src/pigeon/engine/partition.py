@@ -57,7 +57,8 @@ class Partition:
         self.written = 0
         self.synced = 0
         self._dirty: list[Segment] = []
-        self._dir_dirty = False
+        self._dir_version = 0  # bumped when files are created or removed
+        self._dir_synced_version = 0
         self._durable_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._data_waiters: list[asyncio.Future[None]] = []
         self._flush_task: asyncio.Task[None] | None = None
@@ -119,7 +120,7 @@ class Partition:
         if not bases:
             self.segments = [Segment.create(self.directory, self.next_offset)]
             self.bases = [self.next_offset]
-            self._dir_dirty = True
+            self._dir_version += 1
             return
 
         start, position = 0, 0
@@ -324,7 +325,7 @@ class Partition:
         new = Segment.create(self.directory, self.next_offset)
         self.segments.append(new)
         self.bases.append(new.base_offset)
-        self._dir_dirty = True
+        self._dir_version += 1
         self.rolled = True
         checkpoint = self._checkpoint(new, 0)
         task = asyncio.get_running_loop().create_task(self._seal(old, checkpoint))
@@ -335,8 +336,10 @@ class Partition:
         async with self._io_lock:
             fd = old.write_fd
             old.write_fd = None
+            self._dirty = [s for s in self._dirty if s is not old]
+            version = self._dir_version
             await self._in_thread(_seal_files, fd, old, self.directory, checkpoint)
-            self._dir_dirty = False
+            self._dir_synced_version = version
 
     def _checkpoint(self, segment: Segment, position: int) -> bytes:
         first = self.first_offset
@@ -381,9 +384,10 @@ class Partition:
                         segment.flush_index()
                         if segment.write_fd is not None:
                             fds.append(segment.write_fd)
-                    sync_dir = self._dir_dirty
-                    self._dir_dirty = False
+                    version = self._dir_version
+                    sync_dir = version != self._dir_synced_version
                     await self._in_thread(_fsync_all, fds, self.directory if sync_dir else None)
+                    self._dir_synced_version = version
                 self.synced = target
                 waiting, self._durable_waiters = self._durable_waiters, []
                 for seq, waiter in waiting:
@@ -517,7 +521,7 @@ class Partition:
         self.total_bytes -= segment.size
         self.total_msgs -= segment.message_count
         segment.delete()
-        self._dir_dirty = True
+        self._dir_version += 1
         self._forget_before(self.first_offset)
 
     def _forget_before(self, first: int) -> None:
