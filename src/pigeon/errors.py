@@ -79,3 +79,27 @@ class CorruptLogError(PigeonError):
 
 class InvalidMessageError(PigeonError, ValueError):
     """A message field (id, key, header) is malformed."""
+
+
+class GroupNotFoundError(PigeonError, LookupError):
+    """No consumer group has that name on that stream."""
+
+
+class GroupExistsError(PigeonError):
+    """A group with that name exists already with a different configuration."""
+
+
+class GroupHasMembersError(PigeonError):
+    """The operation needs a group with no members (e.g. resetting offsets)."""
+
+
+class DeliveryNotOwnedError(PigeonError):
+    """A delivery was settled after its member lost it (revoked partition, expired lease)."""
+
+
+class AlreadySettledError(PigeonError):
+    """A delivery was acked, nacked or terminated already."""
+
+
+class MemberNotFoundError(PigeonError, LookupError):
+    """The member left the group or was removed from it (session timeout, poll interval)."""

@@ -38,6 +38,25 @@ class Headers:
     CAUSATION_ID: Final = "Pigeon-Causation-Id"
     """The id of the message whose handling published this one."""
 
+    ERROR_TYPE: Final = "Pigeon-Error-Type"
+    """On a dead letter: the class name of the last error."""
+    ERROR_MESSAGE: Final = "Pigeon-Error-Message"
+    """On a dead letter: the text of the last error."""
+    FIRST_FAILURE_AT: Final = "Pigeon-First-Failure-At"
+    """On a dead letter: when processing first failed (UTC, ISO 8601)."""
+    LAST_FAILURE_AT: Final = "Pigeon-Last-Failure-At"
+    """On a dead letter: when processing last failed (UTC, ISO 8601)."""
+    GROUP: Final = "Pigeon-Group"
+    """On a dead letter: the consumer group that gave up on the message."""
+    ORIGINAL_STREAM: Final = "Pigeon-Original-Stream"
+    ORIGINAL_PARTITION: Final = "Pigeon-Original-Partition"
+    ORIGINAL_OFFSET: Final = "Pigeon-Original-Offset"
+    """On a dead letter: where the original message is stored."""
+    ORIGINAL_MSG_ID: Final = "Pigeon-Original-Msg-Id"
+    """On a dead letter or a retry: the id of the original message."""
+    REDRIVE_COUNT: Final = "Pigeon-Redrive-Count"
+    """How many times a message was sent back from the dead letters to its subject."""
+
     ALL: Final = (
         MSG_ID,
         DELIVERY_COUNT,
@@ -46,6 +65,16 @@ class Headers:
         ORIGINAL_SUBJECT,
         CORRELATION_ID,
         CAUSATION_ID,
+        ERROR_TYPE,
+        ERROR_MESSAGE,
+        FIRST_FAILURE_AT,
+        LAST_FAILURE_AT,
+        GROUP,
+        ORIGINAL_STREAM,
+        ORIGINAL_PARTITION,
+        ORIGINAL_OFFSET,
+        ORIGINAL_MSG_ID,
+        REDRIVE_COUNT,
     )
 
 

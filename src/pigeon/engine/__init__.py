@@ -3,12 +3,34 @@
 This package imports nothing from the layers above it (transport, app, server).
 """
 
-from .config import Discard, Durability, StreamConfig
-from .engine import Engine, PartitionInfo, StartAt, StreamInfo
+from .config import Discard, Durability, StartAt, StreamConfig
+from .engine import Engine, PartitionInfo, StreamInfo
+from .groups import (
+    Backoff,
+    Delivery,
+    MemberState,
+    OrderedGroup,
+    OrderedGroupConfig,
+    OrderedMember,
+    PartitionLag,
+    SharedGroup,
+    SharedGroupConfig,
+    SharedMember,
+)
 from .stream import BatchAck, Expect, PubAck
 
 __all__ = [
+    "Backoff",
     "BatchAck",
+    "Delivery",
+    "MemberState",
+    "OrderedGroup",
+    "OrderedGroupConfig",
+    "OrderedMember",
+    "PartitionLag",
+    "SharedGroup",
+    "SharedGroupConfig",
+    "SharedMember",
     "Discard",
     "Durability",
     "Engine",

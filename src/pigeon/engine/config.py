@@ -18,6 +18,35 @@ DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 
 
+@dataclass(frozen=True, slots=True)
+class StartAt:
+    """Where a read begins: ``StartAt.earliest()``, ``latest()``, ``offset(n)`` or ``time(t)``."""
+
+    kind: str
+    value: float = 0
+
+    @classmethod
+    def earliest(cls) -> StartAt:
+        return cls("earliest")
+
+    @classmethod
+    def latest(cls) -> StartAt:
+        return cls("latest")
+
+    @classmethod
+    def offset(cls, offset: int) -> StartAt:
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise InvalidConfigError(f"start offset must be a non-negative integer, not {offset!r}")
+        return cls("offset", offset)
+
+    @classmethod
+    def time(cls, timestamp: float) -> StartAt:
+        """The first message stored at or after ``timestamp`` (seconds since the epoch)."""
+        if isinstance(timestamp, bool) or not isinstance(timestamp, int | float):
+            raise InvalidConfigError(f"start time must be seconds since the epoch, not {timestamp!r}")
+        return cls("time", timestamp)
+
+
 def validate_name(name: object, what: str = "stream") -> str:
     if not isinstance(name, str) or not _NAME.match(name):
         raise InvalidNameError(

@@ -23,6 +23,7 @@ from pathlib import Path
 from ..errors import (
     DataDirLockedError,
     EngineClosedError,
+    GroupExistsError,
     InvalidConfigError,
     InvalidMessageError,
     NoStreamForSubjectError,
@@ -32,38 +33,14 @@ from ..errors import (
 )
 from ..message import Message
 from ..subjects import SubjectIndex, patterns_overlap, validate_subject
-from .config import DEFAULT_MAX_MESSAGE_BYTES, StreamConfig, validate_name
+from .config import DEFAULT_MAX_MESSAGE_BYTES, StartAt, StreamConfig, validate_name
+from .groups.config import OrderedGroupConfig, SharedGroupConfig
+from .groups.lag import PartitionLag
+from .groups.manager import Groups
+from .groups.ordered import OrderedGroup
+from .groups.shared import SharedGroup
 from .partition import write_atomically
 from .stream import BatchAck, Expect, PubAck, Stream
-
-
-@dataclass(frozen=True, slots=True)
-class StartAt:
-    """Where a read begins: ``StartAt.earliest()``, ``latest()``, ``offset(n)`` or ``time(t)``."""
-
-    kind: str
-    value: float = 0
-
-    @classmethod
-    def earliest(cls) -> StartAt:
-        return cls("earliest")
-
-    @classmethod
-    def latest(cls) -> StartAt:
-        return cls("latest")
-
-    @classmethod
-    def offset(cls, offset: int) -> StartAt:
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise InvalidConfigError(f"start offset must be a non-negative integer, not {offset!r}")
-        return cls("offset", offset)
-
-    @classmethod
-    def time(cls, timestamp: float) -> StartAt:
-        """The first message stored at or after ``timestamp`` (seconds since the epoch)."""
-        if isinstance(timestamp, bool) or not isinstance(timestamp, int | float):
-            raise InvalidConfigError(f"start time must be seconds since the epoch, not {timestamp!r}")
-        return cls("time", timestamp)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +82,7 @@ class Engine:
         self._lock_fd: int | None = None
         self._closed = False
         self._housekeeping: asyncio.Task[None] | None = None
+        self._groups = Groups(self._executor, self._ensure_stream, self._publish_one_message)
 
     @classmethod
     async def open(
@@ -128,6 +106,13 @@ class Engine:
             raise
         for stream in engine._streams.values():
             stream.bind(engine._executor)
+        try:
+            for stream in engine._streams.values():
+                await engine._groups.open_all(stream)
+        except BaseException:
+            await engine._groups.close()
+            engine._release()
+            raise
         engine._housekeeping = asyncio.get_running_loop().create_task(engine._run_housekeeping())
         return engine
 
@@ -172,6 +157,7 @@ class Engine:
         self._closed = True
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+        await self._groups.close()
         await asyncio.gather(*(s.close() for s in self._streams.values()))
         self._release()
 
@@ -241,6 +227,7 @@ class Engine:
         for pattern in stream.config.subjects:
             self._routes.remove(pattern, stream)
         self._route_cache.clear()
+        await self._groups.close_stream(name)
         await stream.close()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, _remove_stream_files, stream.directory)
@@ -355,6 +342,58 @@ class Engine:
             _check_payload(message.payload)
         return await stream.publish(messages, expect)
 
+    # -- consumer groups ----------------------------------------------------------------------
+
+    async def _ensure_stream(self, config: StreamConfig) -> None:
+        if config.name not in self._streams:
+            await self.create_stream(config)
+
+    async def _publish_one_message(self, message: Message) -> None:
+        await self.publish_batch([message])
+
+    async def ordered_group(self, stream: str, config: OrderedGroupConfig) -> OrderedGroup:
+        """Create (or open) an ordered consumer group on ``stream``; its state is durable."""
+        self._check_open()
+        group = await self._groups.create(self._stream(stream), config)
+        if not isinstance(group, OrderedGroup):
+            raise GroupExistsError(f"group {config.name!r} on stream {stream!r} is a shared group")
+        return group
+
+    async def shared_group(self, stream: str, config: SharedGroupConfig) -> SharedGroup:
+        """Create (or open) a shared consumer group on ``stream``; its state is durable."""
+        self._check_open()
+        group = await self._groups.create(self._stream(stream), config)
+        if not isinstance(group, SharedGroup):
+            raise GroupExistsError(f"group {config.name!r} on stream {stream!r} is an ordered group")
+        return group
+
+    def group(self, stream: str, name: str) -> OrderedGroup | SharedGroup:
+        self._check_open()
+        self._stream(stream)
+        return self._groups.get(stream, name)
+
+    def groups(self, stream: str) -> list[str]:
+        self._check_open()
+        self._stream(stream)
+        return self._groups.names(stream)
+
+    async def delete_group(self, stream: str, name: str) -> None:
+        self._check_open()
+        await self._groups.delete(self._stream(stream), name)
+
+    def group_lag(self, stream: str, name: str) -> list[PartitionLag]:
+        """Per partition: head offset minus committed offset, and what is pending or in flight."""
+        return self.group(stream, name).lag()
+
+    async def reset_group_offsets(self, stream: str, name: str, start: StartAt) -> None:
+        """Move an ordered group's committed offsets (only while it has no members)."""
+        group = self.group(stream, name)
+        if not isinstance(group, OrderedGroup):
+            raise InvalidConfigError(
+                f"group {name!r} is a shared group: its progress is per message, not an offset"
+            )
+        await group.reset_offsets(start)
+
     # -- reading ------------------------------------------------------------------------------
 
     def _partition(self, stream: str, partition: int):  # type: ignore[no-untyped-def]
@@ -370,14 +409,7 @@ class Engine:
 
     def resolve(self, stream: str, partition: int, start: StartAt) -> int:
         """The offset a read starting at ``start`` begins at."""
-        p = self._partition(stream, partition)
-        if start.kind == "earliest":
-            return int(p.first_offset)
-        if start.kind == "latest":
-            return int(p.next_offset)
-        if start.kind == "offset":
-            return int(start.value)
-        return int(p.offset_for_time(int(start.value * 1e9)))
+        return int(self._partition(stream, partition).resolve(start))
 
     def fetch(
         self, stream: str, partition: int, offset: int, max_messages: int = 100,

@@ -25,7 +25,7 @@ from typing import Any
 from ..errors import CorruptLogError
 from ..message import Message
 from . import records
-from .config import StreamConfig
+from .config import StartAt, StreamConfig
 from .dedup import DedupWindow
 from .records import MAGIC, BatchHeader
 from .segment import InvalidBatch, Segment
@@ -61,6 +61,7 @@ class Partition:
         self._dir_synced_version = 0
         self._durable_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._data_waiters: list[asyncio.Future[None]] = []
+        self.append_listeners: list[Callable[[], None]] = []  # consumer groups waiting for data
         self._flush_task: asyncio.Task[None] | None = None
         self._flush_timer: asyncio.TimerHandle | None = None
         self._io_lock = asyncio.Lock()
@@ -286,6 +287,8 @@ class Partition:
         self.written += 1
         if not self._dirty or self._dirty[-1] is not active:
             self._dirty.append(active)
+        for listener in self.append_listeners:
+            listener()
         if self._data_waiters:
             waiters, self._data_waiters = self._data_waiters, []
             for waiter in waiters:
@@ -480,6 +483,16 @@ class Partition:
         assert self.recent_by_subject is not None and message.offset is not None
         offsets = self.recent_by_subject.get(message.subject)
         return bool(offsets) and offsets[0] <= message.offset  # type: ignore[index]
+
+    def resolve(self, start: StartAt) -> int:
+        """The offset a read starting at ``start`` begins at."""
+        if start.kind == "earliest":
+            return self.first_offset
+        if start.kind == "latest":
+            return self.next_offset
+        if start.kind == "offset":
+            return int(start.value)
+        return self.offset_for_time(int(start.value * 1e9))
 
     def offset_for_time(self, timestamp_ns: int) -> int:
         """The offset of the first message stored at or after ``timestamp_ns`` (or the end)."""

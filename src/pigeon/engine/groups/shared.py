@@ -1,0 +1,442 @@
+"""Shared groups: queue semantics over all partitions, with leases, redelivery and dead letters.
+
+Each message is leased to one member for ``ack_wait``. Settling it is durable (an event in
+the group's state log). Per partition the group keeps a *floor* (every offset below it is
+done), the done offsets above the floor, and the delivery count of every message delivered
+but not done. Leases live in memory only: after a restart every unfinished message is simply
+delivered again, with its delivery count carried on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ...errors import MemberNotFoundError
+from ...message import Message
+from ..stream import Stream
+from .base import DeadLetterSink, GroupBase, check_fetch, check_nack_delay
+from .config import SharedGroupConfig
+from .delivery import Delivery
+from .lag import PartitionLag
+from .statelog import ACK, COMMIT, DELIVER, NACK, TERM, StateLog
+
+_EXPIRY_TICK_S = 0.05
+
+
+class _PartitionState:
+    __slots__ = ("counts", "cursor", "done", "floor", "not_before")
+
+    def __init__(self, floor: int) -> None:
+        self.floor = floor
+        self.cursor = floor
+        self.done: set[int] = set()
+        self.counts: dict[int, int] = {}  # delivered but not done -> deliveries so far
+        self.not_before: dict[int, int] = {}  # nacked with a delay -> wall-clock ns
+
+    def finish(self, offset: int) -> None:
+        self.counts.pop(offset, None)
+        self.not_before.pop(offset, None)
+        if offset == self.floor:
+            self.floor += 1
+            while self.floor in self.done:
+                self.done.remove(self.floor)
+                self.floor += 1
+        elif offset > self.floor:
+            self.done.add(offset)
+
+    def skip_to(self, offset: int) -> None:
+        """Retention removed everything below ``offset``: it can no longer be delivered."""
+        if offset > self.floor:
+            self.floor = offset
+            self.done = {o for o in self.done if o > offset}
+            self.counts = {o: c for o, c in self.counts.items() if o >= offset}
+            self.not_before = {o: t for o, t in self.not_before.items() if o >= offset}
+            while self.floor in self.done:
+                self.done.remove(self.floor)
+                self.floor += 1
+        self.cursor = max(self.cursor, offset)
+
+
+class _Lease:
+    __slots__ = ("deadline", "delivery", "member")
+
+    def __init__(self, delivery: Delivery, member: SharedMember, deadline: float) -> None:
+        self.delivery = delivery
+        self.member = member
+        self.deadline = deadline
+
+
+class SharedGroup(GroupBase):
+    def __init__(
+        self,
+        stream: Stream,
+        config: SharedGroupConfig,
+        state: StateLog,
+        dead_letters: DeadLetterSink | None,
+        dead_letter_subject: str,
+        start_offsets: list[int],
+    ) -> None:
+        super().__init__(stream, config, state, dead_letters, dead_letter_subject)
+        self.config = config
+        self._parts = [_PartitionState(offset) for offset in start_offsets]
+        self._leases: dict[tuple[int, int], _Lease] = {}
+        self._ready: list[tuple[float, int, int]] = []  # (monotonic time, partition, offset)
+        self._expiry: list[tuple[float, int, int, int]] = []  # (deadline, lease, partition, offset)
+        self._members: dict[str, SharedMember] = {}
+        self._key_holders: dict[str, int] = {}
+        self._parked: dict[str, deque[Message]] = {}
+        self._parked_count = 0
+        self._released: deque[Message] = deque()
+        self._next_lease = 0
+        self._next_member = 0
+        self._expiry_task: asyncio.Task[None] | None = None
+        self._scan_start = 0
+
+    # -- durable state -------------------------------------------------------------------------
+
+    def restore(self, snapshot: dict[str, Any] | None, events: list[tuple[int, int, int, int]]) -> None:
+        if snapshot is not None:
+            for st, saved in zip(self._parts, snapshot["partitions"], strict=True):
+                st.floor = st.cursor = saved["floor"]
+                st.done = set(saved["done"])
+                st.counts = {int(o): c for o, c in saved["counts"].items()}
+                st.not_before = {int(o): t for o, t in saved["not_before"].items()}
+        for kind, p, offset, value in events:
+            st = self._parts[p]
+            if offset < st.floor or offset in st.done:
+                continue
+            if kind == DELIVER:
+                st.counts[offset] = st.counts.get(offset, 0) + 1
+            elif kind in (ACK, TERM):
+                st.finish(offset)
+            elif kind == NACK and value:
+                st.not_before[offset] = value
+            elif kind == COMMIT:  # where a new group starts
+                st.skip_to(offset)
+        for st in self._parts:
+            st.cursor = st.floor  # rescan: unfinished messages are found again in offset order
+
+    def _snapshot_state(self) -> dict[str, Any]:
+        return {
+            "partitions": [
+                {
+                    "floor": st.floor,
+                    "done": sorted(st.done),
+                    "counts": st.counts,
+                    "not_before": st.not_before,
+                }
+                for st in self._parts
+            ]
+        }
+
+    async def _flush(self) -> None:
+        await self._state.flush()
+        if self._state.needs_snapshot:
+            await self._state.snapshot(self._snapshot_state())
+
+    # -- members and fetching --------------------------------------------------------------------
+
+    def member(self, name: str | None = None) -> SharedMember:
+        """A member of this group (members of a shared group need no heartbeats: leases expire)."""
+        self._check_open()
+        if name is None:
+            self._next_member += 1
+            name = f"member-{self._next_member}"
+        member = self._members.get(name)
+        if member is None:
+            member = self._members[name] = SharedMember(self, name)
+        return member
+
+    @property
+    def ack_pending(self) -> int:
+        return sum(len(st.counts) for st in self._parts)
+
+    async def _fetch(self, member: SharedMember, max_messages: int, timeout: float) -> list[Delivery]:
+        check_fetch(max_messages, timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_open()
+            if member.left:
+                raise MemberNotFoundError(f"member {member.name!r} left group {self.name!r}")
+            out = self._collect(member, max_messages)
+            if out:
+                await self._flush()
+                return out
+            wake_at = min(deadline, self._ready[0][0]) if self._ready else deadline
+            if not await self._wait(wake_at) and time.monotonic() >= deadline:
+                return []
+
+    def _room(self, member: SharedMember, max_messages: int) -> int:
+        limit = self.config.max_member_pending
+        return max_messages if limit is None else min(max_messages, limit - member.pending)
+
+    def _collect(self, member: SharedMember, max_messages: int) -> list[Delivery]:
+        out: list[Delivery] = []
+        room = self._room(member, max_messages)
+        if room <= 0:
+            return out
+        now = time.monotonic()
+        ready = self._ready
+        while ready and ready[0][0] <= now and len(out) < room:
+            _, p, offset = heapq.heappop(ready)
+            st = self._parts[p]
+            if (p, offset) in self._leases or offset not in st.counts:
+                continue
+            found = self.stream.partitions[p].fetch(offset, 1)
+            if not found or found[0].offset != offset:
+                self._finish(p, offset, None, TERM)  # removed by retention meanwhile
+                continue
+            out.append(self._deliver(member, found[0], now))
+        limit = self.config.max_ack_pending
+        while self._released and len(out) < room and self.ack_pending < limit:
+            out.append(self._deliver(member, self._released.popleft(), now))
+        for p in self._partition_order():
+            if len(out) >= room or self.ack_pending >= limit:
+                break
+            self._scan(member, p, room, out, now)
+        return out
+
+    def _partition_order(self) -> list[int]:
+        # Start at a different partition each time so that one busy partition cannot starve others.
+        n = len(self._parts)
+        self._scan_start = (self._scan_start + 1) % n
+        return [(self._scan_start + i) % n for i in range(n)]
+
+    def _scan(self, member: SharedMember, p: int, room: int, out: list[Delivery], now: float) -> None:
+        st = self._parts[p]
+        partition = self.stream.partitions[p]
+        limit = self.config.max_ack_pending
+        key_ordered = self.config.key_ordered
+        while len(out) < room and self.ack_pending < limit and st.cursor < partition.next_offset:
+            if key_ordered and self._parked_count >= limit:
+                return
+            messages = partition.fetch(st.cursor, room - len(out))
+            if not messages:
+                st.skip_to(partition.next_offset)
+                return
+            assert messages[0].offset is not None
+            if messages[0].offset > st.cursor:
+                st.skip_to(messages[0].offset)
+            for message in messages:
+                if len(out) >= room or self.ack_pending >= limit:
+                    return
+                assert message.offset is not None
+                offset = message.offset
+                st.cursor = offset + 1
+                if offset in st.done:
+                    continue
+                if key_ordered and message.key is not None and (
+                    message.key in self._key_holders or message.key in self._parked
+                ):
+                    self._parked.setdefault(message.key, deque()).append(message)
+                    self._parked_count += 1
+                    continue
+                not_before = st.not_before.get(offset)
+                if not_before is not None and not_before > time.time_ns():
+                    self._hold_key(message, st, offset)
+                    heapq.heappush(self._ready, (now + (not_before - time.time_ns()) / 1e9, p, offset))
+                    continue
+                out.append(self._deliver(member, message, now))
+
+    def _hold_key(self, message: Message, st: _PartitionState, offset: int) -> None:
+        if offset not in st.counts:
+            st.counts[offset] = 0
+        if self.config.key_ordered and message.key is not None:
+            self._key_holders[message.key] = self._key_holders.get(message.key, 0) + 1
+
+    def _deliver(self, member: SharedMember, message: Message, now: float) -> Delivery:
+        assert message.partition is not None and message.offset is not None
+        p, offset = message.partition, message.offset
+        st = self._parts[p]
+        if offset not in st.counts:
+            self._hold_key(message, st, offset)
+        count = st.counts[offset] = st.counts[offset] + 1
+        self._next_lease += 1
+        delivery = Delivery(message, self.name, count, self, self._next_lease, asyncio.Event())
+        deadline = now + self.config.ack_wait_s
+        self._leases[(p, offset)] = _Lease(delivery, member, deadline)
+        heapq.heappush(self._expiry, (deadline, self._next_lease, p, offset))
+        member.pending += 1
+        self._state.record(DELIVER, p, offset)
+        if self._expiry_task is None:
+            self._expiry_task = asyncio.get_running_loop().create_task(self._expire_leases())
+        return delivery
+
+    # -- settling --------------------------------------------------------------------------------
+
+    def _take_lease(self, delivery: Delivery) -> _Lease:
+        lease = self._leases.get((delivery.partition, delivery.offset))
+        self._check_settle(delivery, None if lease is None else lease.delivery.lease)
+        assert lease is not None
+        delivery.settled = True
+        del self._leases[(delivery.partition, delivery.offset)]
+        lease.member.pending -= 1
+        return lease
+
+    def _finish(self, p: int, offset: int, message: Message | None, kind: int) -> None:
+        self._parts[p].finish(offset)
+        self._failures.pop((p, offset), None)
+        self._state.record(kind, p, offset)
+        if message is not None and self.config.key_ordered and message.key is not None:
+            key = message.key
+            holders = self._key_holders.get(key, 0) - 1
+            if holders > 0:
+                self._key_holders[key] = holders
+            else:
+                self._key_holders.pop(key, None)
+                parked = self._parked.get(key)
+                if parked:
+                    self._released.append(parked.popleft())
+                    self._parked_count -= 1
+                    # The released message holds the key until it too is done.
+                    self._key_holders[key] = 1
+                    released = self._released[-1]
+                    assert released.partition is not None and released.offset is not None
+                    self._parts[released.partition].counts.setdefault(released.offset, 0)
+                    if not parked:
+                        del self._parked[key]
+        self._wake()
+
+    async def _ack(self, delivery: Delivery) -> None:
+        self._take_lease(delivery)
+        self._finish(delivery.partition, delivery.offset, delivery.message, ACK)
+        await self._flush()
+
+    async def _nack(
+        self, delivery: Delivery, delay: float | None, error: BaseException | str | None
+    ) -> None:
+        check_nack_delay(delay)
+        self._take_lease(delivery)
+        await self._failed(delivery, error, delay)
+        await self._flush()
+
+    async def _term(self, delivery: Delivery, reason: BaseException | str | None) -> None:
+        self._take_lease(delivery)
+        failures = self._note_failure(delivery, reason or "terminated")
+        if self.config.dead_letter:
+            await self._send_to_dead_letters(delivery, failures)
+        self._finish(delivery.partition, delivery.offset, delivery.message, TERM)
+        await self._flush()
+
+    async def _in_progress(self, delivery: Delivery) -> None:
+        lease = self._leases.get((delivery.partition, delivery.offset))
+        self._check_settle(delivery, None if lease is None else lease.delivery.lease)
+        assert lease is not None
+        lease.deadline = time.monotonic() + self.config.ack_wait_s
+        heapq.heappush(self._expiry, (lease.deadline, delivery.lease, delivery.partition, delivery.offset))
+
+    async def _failed(self, delivery: Delivery, error: BaseException | str | None, delay: float | None) -> None:
+        """A delivery failed (nack or expired lease): redeliver later, or give up on it."""
+        p, offset = delivery.partition, delivery.offset
+        failures = self._note_failure(delivery, error)
+        count = self._parts[p].counts.get(offset, delivery.delivery_count)
+        max_deliver = self.config.max_deliver
+        if max_deliver is not None and count >= max_deliver:
+            if self.config.dead_letter:
+                await self._send_to_dead_letters(delivery, failures)
+            self._finish(p, offset, delivery.message, TERM)
+            return
+        if delay is None:
+            delay = self.config.backoff.delay(count) if self.config.backoff else 0.0
+        if delay > 0:
+            not_before = time.time_ns() + int(delay * 1e9)
+            self._parts[p].not_before[offset] = not_before
+            self._state.record(NACK, p, offset, not_before)
+        heapq.heappush(self._ready, (time.monotonic() + delay, p, offset))
+        self._wake()
+
+    async def _expire_leases(self) -> None:
+        while not self._closed:
+            now = time.monotonic()
+            expired = []
+            while self._expiry and self._expiry[0][0] <= now:
+                _, token, p, offset = heapq.heappop(self._expiry)
+                lease = self._leases.get((p, offset))
+                if lease is None or lease.delivery.lease != token or lease.deadline > now:
+                    continue
+                expired.append(lease)
+            for lease in expired:
+                delivery = lease.delivery
+                del self._leases[(delivery.partition, delivery.offset)]
+                lease.member.pending -= 1
+                delivery.cancelled.set()
+                await self._failed(delivery, f"not acknowledged within ack_wait ({self.config.ack_wait_s}s)", None)
+            if expired:
+                await self._flush()
+            next_deadline = self._expiry[0][0] - now if self._expiry else _EXPIRY_TICK_S
+            await asyncio.sleep(max(0.001, min(_EXPIRY_TICK_S, next_deadline)))
+
+    async def _release_member(self, member: SharedMember) -> None:
+        """A member left: its leased messages are redelivered at once, not counted as failures."""
+        member.left = True
+        for key, lease in list(self._leases.items()):
+            if lease.member is member:
+                del self._leases[key]
+                lease.delivery.cancelled.set()
+                heapq.heappush(self._ready, (time.monotonic(), *key))
+        member.pending = 0
+        self._members.pop(member.name, None)
+        self._wake()
+
+    # -- observing ---------------------------------------------------------------------------------
+
+    def lag(self) -> list[PartitionLag]:
+        in_flight = [0] * len(self._parts)
+        for p, _ in self._leases:
+            in_flight[p] += 1
+        out = []
+        for p, st in enumerate(self._parts):
+            head = self.stream.partitions[p].next_offset
+            committed = min(st.floor, head)
+            unfinished = max(0, head - committed - len(st.done))
+            waiting = len(st.counts) - in_flight[p]
+            out.append(
+                PartitionLag(
+                    partition=p,
+                    head=head,
+                    committed=committed,
+                    lag=head - committed,
+                    pending=max(0, unfinished - in_flight[p] - waiting),
+                    in_flight=in_flight[p],
+                    waiting=waiting,
+                )
+            )
+        return out
+
+    def members(self) -> list[str]:
+        return sorted(self._members)
+
+    async def close(self) -> None:
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry_task
+        await super().close()
+
+
+class SharedMember:
+    """One consumer in a shared group: fetch deliveries (pull), iterate them, or consume (push)."""
+
+    def __init__(self, group: SharedGroup, name: str) -> None:
+        self.group = group
+        self.name = name
+        self.pending = 0
+        self.left = False
+
+    async def fetch(self, max_messages: int = 100, timeout: float = 5.0) -> list[Delivery]:
+        """Long-poll: up to ``max_messages`` deliveries as soon as any exist, or [] after ``timeout``."""
+        return await self.group._fetch(self, max_messages, timeout)
+
+    async def __aiter__(self) -> AsyncIterator[Delivery]:
+        while True:
+            for delivery in await self.fetch(100, 5.0):
+                yield delivery
+
+    async def leave(self) -> None:
+        await self.group._release_member(self)

@@ -1,0 +1,141 @@
+"""A group's durable state: an event log on the engine's own partition format, plus snapshots.
+
+Every change a group makes durable (a commit, a delivery, an ack, a nack, a dead letter) is
+an event appended to a private partition log, under the stream's durability policy. Events
+queued in one event-loop iteration share one record, so a burst of acks costs one write.
+When the log grows, the group writes a snapshot of its whole state (atomically, fsynced) and
+drops the log segments the snapshot covers. Opening replays the snapshot and the events
+after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import struct
+import time
+from collections.abc import Iterator
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import Any
+
+from ..config import Durability, StreamConfig
+from ..dedup import DedupWindow
+from ..partition import Partition, write_atomically
+from ..records import encode_plain_records
+
+EVENT = struct.Struct("<BIqq")  # kind, partition, offset, value
+
+COMMIT = 1  # ordered: offset = next offset to read
+DELIVER = 2  # shared: one more delivery of (partition, offset)
+ACK = 3
+NACK = 4  # value = not-before time in ns (0: at once)
+TERM = 5  # done without success: dead-lettered or dropped
+
+SNAPSHOT_FILE = "snapshot.json"
+_SUBJECT = "events"
+_COMPACT_EVERY = 100_000
+
+
+class StateLog:
+    def __init__(self, directory: Path, partition: Partition) -> None:
+        self.directory = directory
+        self._partition = partition
+        self._pending: list[bytes] = []
+        self._written: asyncio.Future[int] | None = None
+        self._events_since_snapshot = 0
+
+    @classmethod
+    def open(
+        cls, directory: Path, durability: Durability
+    ) -> tuple[StateLog, dict[str, Any] | None, list[tuple[int, int, int, int]]]:
+        """Open the log; returns it, the last snapshot's state and the events after it. Blocking."""
+        config = StreamConfig(
+            name="group-state", subjects=(_SUBJECT,), durability=durability, segment_bytes=4 << 20
+        )
+        partition = Partition.open(directory / "log", "group-state", 0, config)
+        snapshot = None
+        start = partition.first_offset
+        try:
+            data = json.loads((directory / SNAPSHOT_FILE).read_bytes())
+            snapshot, start = data["state"], data["offset"]
+        except FileNotFoundError:
+            pass
+        log = cls(directory, partition)
+        events = list(log._replay(max(start, partition.first_offset)))
+        log._events_since_snapshot = len(events)
+        return log, snapshot, events
+
+    def _replay(self, offset: int) -> Iterator[tuple[int, int, int, int]]:
+        while True:
+            messages = self._partition.fetch(offset, 1000)
+            if not messages:
+                return
+            for message in messages:
+                yield from EVENT.iter_unpack(message.payload)
+            offset = messages[-1].offset + 1  # type: ignore[operator]
+
+    def bind(self, executor: Executor) -> None:
+        self._partition.bind(executor, DedupWindow(0))
+
+    def record(self, kind: int, partition: int, offset: int, value: int = 0) -> None:
+        """Queue an event; it is written with the others of this loop iteration."""
+        self._pending.append(EVENT.pack(kind, partition, offset, value))
+
+    async def flush(self, *, sync: bool = False) -> None:
+        """Write queued events (one record per loop iteration) and wait for their durability.
+
+        ``sync`` forces an fsync whatever the policy (used when a group is created).
+        """
+        if self._written is None:
+            self._written = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(self._write)
+        seq = await asyncio.shield(self._written)
+        if sync or self._partition.config.durability == "always":
+            await self._partition.wait_durable(seq)
+
+    def _write(self) -> None:
+        future, self._written = self._written, None
+        assert future is not None
+        try:
+            if self._pending:
+                payload = b"".join(self._pending)
+                self._events_since_snapshot += len(self._pending)
+                self._pending.clear()
+                _, seq = self._partition.append(
+                    encode_plain_records(_SUBJECT, [payload]), _SUBJECT, None, time.time_ns(), 0, True
+                )
+            else:
+                seq = self._partition.written
+        except BaseException as exc:  # e.g. disk full: the waiting acks must fail, not hang
+            future.set_exception(exc)
+            return
+        future.set_result(seq)
+
+    @property
+    def needs_snapshot(self) -> bool:
+        return self._events_since_snapshot >= _COMPACT_EVERY
+
+    async def snapshot(self, state: dict[str, Any]) -> None:
+        """Save ``state`` as covering every event written so far, then drop the covered log."""
+        await self.flush()
+        offset = self._partition.next_offset
+        self._events_since_snapshot = 0
+        data = json.dumps({"offset": offset, "state": state}, separators=(",", ":")).encode()
+        await asyncio.get_running_loop().run_in_executor(
+            None, write_atomically, self.directory / SNAPSHOT_FILE, data
+        )
+        self._partition.roll()
+        partition = self._partition
+        while len(partition.segments) > 1 and partition.segments[0].next_offset <= offset:
+            partition.remove_oldest()
+
+    async def close(self) -> None:
+        if self._written is not None:
+            await asyncio.shield(self._written)
+        await self._partition.close()
+
+
+def remove_state(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
