@@ -157,9 +157,11 @@ class Engine:
         self._closed = True
         if self._housekeeping is not None:
             self._housekeeping.cancel()
-        await self._groups.close()
-        await asyncio.gather(*(s.close() for s in self._streams.values()))
-        self._release()
+        try:
+            await self._groups.close()
+            await asyncio.gather(*(s.close() for s in self._streams.values()))
+        finally:
+            self._release()
 
     async def __aenter__(self) -> Engine:
         return self
@@ -298,28 +300,27 @@ class Engine:
         """
         self._check_open()
         stream = self.stream_for_subject(subject)
-        _check_payload(payload)
-        if key is not None and not isinstance(key, str):
-            raise InvalidMessageError(f"key must be text, not {type(key).__name__}")
-        if msg_id is not None and not isinstance(msg_id, str):
-            raise InvalidMessageError(f"msg_id must be text, not {type(msg_id).__name__}")
-        return await stream.publish_one(
-            subject, payload, key, dict(headers) if headers else None, msg_id, expect
-        )
+        _check_fields(payload, key, msg_id)
+        return await stream.publish_one(subject, payload, key, _headers(headers), msg_id, expect)
 
     async def publish_many(
-        self, subject: str, payloads: Sequence[bytes], *, key: str | None = None
+        self,
+        subject: str,
+        payloads: Sequence[bytes],
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> BatchAck:
-        """Store many payloads on one subject as one atomic batch in one partition (bulk loads)."""
+        """Store many payloads on one subject, with one key and the same headers, as one atomic
+        batch in one partition (bulk loads)."""
         self._check_open()
         stream = self.stream_for_subject(subject)
         if not payloads:
             raise InvalidConfigError("publish_many needs at least one payload")
         if not all(isinstance(p, bytes) for p in payloads):
-            raise InvalidConfigError("publish_many takes a sequence of bytes payloads")
-        if key is not None and not isinstance(key, str):
-            raise InvalidMessageError(f"key must be text, not {type(key).__name__}")
-        return await stream.publish_many(subject, payloads, key)
+            raise InvalidMessageError("publish_many takes a sequence of bytes payloads")
+        _check_fields(b"", key, None)
+        return await stream.publish_many(subject, payloads, key, _headers(headers))
 
     async def publish_batch(
         self, messages: Sequence[Message], *, expect: Expect | None = None
@@ -328,10 +329,13 @@ class Engine:
         self._check_open()
         if not messages:
             raise InvalidConfigError("publish_batch needs at least one message")
-        stream = self.stream_for_subject(messages[0].subject)
         for message in messages:
             if not isinstance(message, Message):
                 raise InvalidConfigError(f"publish_batch takes Message objects, not {message!r}")
+        stream = self.stream_for_subject(messages[0].subject)
+        for message in messages:
+            if not isinstance(message.headers, dict):
+                raise InvalidMessageError("message headers must be a dict of text to text")
             if message.subject is not messages[0].subject and self.stream_for_subject(
                 message.subject
             ) is not stream:
@@ -339,7 +343,7 @@ class Engine:
                     f"one batch must go to one stream: {message.subject!r} is not captured "
                     f"by {stream.name!r}"
                 )
-            _check_payload(message.payload)
+            _check_fields(message.payload, message.key, message._id)
         return await stream.publish(messages, expect)
 
     # -- consumer groups ----------------------------------------------------------------------
@@ -457,9 +461,21 @@ class Engine:
         return best
 
 
-def _check_payload(payload: object) -> None:
+def _headers(headers: object) -> dict[str, str] | None:
+    if headers is None:
+        return None
+    if not isinstance(headers, Mapping):
+        raise InvalidMessageError(f"headers must be a mapping of text to text, not {type(headers).__name__}")
+    return dict(headers) if headers else None
+
+
+def _check_fields(payload: object, key: object, msg_id: object) -> None:
     if not isinstance(payload, bytes):
         raise InvalidMessageError(f"payload must be bytes, not {type(payload).__name__}")
+    if key is not None and not isinstance(key, str):
+        raise InvalidMessageError(f"key must be text, not {type(key).__name__}")
+    if msg_id is not None and not isinstance(msg_id, str):
+        raise InvalidMessageError(f"message id must be text, not {type(msg_id).__name__}")
 
 
 def _remove_stream_files(directory: Path) -> None:

@@ -163,7 +163,11 @@ class Partition:
                 # A gap before a segment is legitimate: per-subject retention removes
                 # segments whose every message was superseded.
                 self.next_offset = segment.next_offset = bases[i]
-            self._scan(segment, file_size, is_last=i == len(bases) - 1)
+            is_last = i == len(bases) - 1
+            self._last_batch = (0, segment.base_offset)
+            self._scan(segment, file_size, is_last=is_last)
+            if not is_last and segment.size:
+                segment.seal_index(*self._last_batch)  # its newest timestamp must be indexed
             segment.rewrite_index_file()
             self.segments.append(segment)
         self.bases = [s.base_offset for s in self.segments]
@@ -428,7 +432,8 @@ class Partition:
             checkpoint = self._checkpoint(active, active.size)
             await self._in_thread(_close_files, self, checkpoint)
         for waiter in self._data_waiters:
-            waiter.cancel()
+            if not waiter.done():
+                waiter.set_result(None)  # the waiter sees no new data and returns False
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -466,7 +471,7 @@ class Partition:
                     if max_bytes is not None:
                         for m in messages:
                             size += len(m.payload)
-                            if out and size > max_bytes:
+                            if (out and size > max_bytes) or len(out) >= max_messages:
                                 return out
                             out.append(m)
                     else:
@@ -492,7 +497,7 @@ class Partition:
             return self.next_offset
         if start.kind == "offset":
             return int(start.value)
-        return self.offset_for_time(int(start.value * 1e9))
+        return self.offset_for_time(round(start.value * 1e6) * 1000)
 
     def offset_for_time(self, timestamp_ns: int) -> int:
         """The offset of the first message stored at or after ``timestamp_ns`` (or the end)."""
@@ -618,8 +623,11 @@ def _seal_files(fd: int | None, old: Segment, directory: Path, checkpoint: bytes
     if fd is not None:
         os.fsync(fd)
         os.close(fd)
-    with open(old.index_path, "rb+") as f:
-        os.fsync(f.fileno())
+    try:
+        with open(old.index_path, "rb+") as f:
+            os.fsync(f.fileno())
+    except FileNotFoundError:
+        pass  # retention removed the segment while it was being sealed: nothing left to keep
     _fsync_dir(directory)
     write_atomically(directory / STATE_FILE, checkpoint)
 

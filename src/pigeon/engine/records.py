@@ -6,9 +6,10 @@ A batch is the unit of writing, checksumming and atomicity. Layout (little-endia
     base_offset u64 | count u32 | timestamp_ns i64 | base_id u128 (as two u64) |
     record * count
 
-``length`` counts the whole batch; the CRC32C covers every byte after the crc field, so a
-torn or flipped batch never decodes. Every record of a batch shares its timestamp (the
-append time) and derives its offset and generated id from the batch's base plus its index.
+``length`` counts the whole batch; the CRC32C covers the attributes byte and every byte
+after the crc field, so a torn or flipped batch never decodes. Every record of a batch
+shares its timestamp (the append time, in whole microseconds) and derives its offset and
+generated id from the batch's base plus its index.
 A record is::
 
     length u32 (bytes after this field) | flags u8 | subject_len u16 | subject |
@@ -47,6 +48,10 @@ HEADERS = 4
 # Batch attribute: every record has the same subject and no optional field (bulk publishes),
 # so reading can skip per-record subject and flag handling.
 UNIFORM = 1
+
+# The CRC starts from the attributes byte (so a flipped attribute is caught) and continues
+# over the rest: precomputed starting values avoid concatenating the batch.
+_ATTRIBUTE_CRC = [crc32c(bytes([value])) for value in range(256)]
 
 MAX_ID_BYTES = 255
 MAX_KEY_BYTES = 0xFFFF
@@ -151,7 +156,8 @@ def encode_batch(
     tail = HEADER.pack(
         0, 0, 0, 0, base_offset, len(records), timestamp_ns, base_id >> 64, base_id & (2**64 - 1)
     )[_CRC_START:] + body
-    return _LENGTH_AT.pack(MAGIC, attributes, _CRC_START + len(tail)) + _U32.pack(crc32c(tail)) + tail
+    crc = crc32c(tail, _ATTRIBUTE_CRC[attributes])
+    return _LENGTH_AT.pack(MAGIC, attributes, _CRC_START + len(tail)) + _U32.pack(crc) + tail
 
 
 class BatchHeader:
@@ -179,7 +185,8 @@ class BatchHeader:
 
 
 def crc_ok(buf: bytes | memoryview, pos: int, header: BatchHeader) -> bool:
-    return crc32c(buf[pos + _CRC_START : pos + header.length]) == header.crc
+    initial = _ATTRIBUTE_CRC[header.attributes]
+    return crc32c(buf[pos + _CRC_START : pos + header.length], initial) == header.crc
 
 
 def decode_records(

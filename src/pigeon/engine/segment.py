@@ -46,6 +46,7 @@ class Segment:
         "_unwritten_index",
         "base_offset",
         "directory",
+        "first_timestamp_ns",
         "index_offsets",
         "index_positions",
         "index_timestamps",
@@ -60,6 +61,7 @@ class Segment:
         self.base_offset = base_offset
         self.next_offset = base_offset
         self.size = 0
+        self.first_timestamp_ns = 0
         self.last_timestamp_ns = 0
         self.write_fd: int | None = None
         self._read_fd: int | None = None
@@ -98,20 +100,23 @@ class Segment:
         segment = cls(directory, base_offset)
         segment.next_offset = next_offset
         segment.size = segment.log_path.stat().st_size
-        segment.last_timestamp_ns = segment._read_last_index_timestamp()
+        segment.first_timestamp_ns, segment.last_timestamp_ns = segment._read_index_time_bounds()
         return segment
 
-    def _read_last_index_timestamp(self) -> int:
+    def _read_index_time_bounds(self) -> tuple[int, int]:
+        """Timestamps of the first and last index entries: the segment's oldest and newest."""
         try:
             with open(self.index_path, "rb") as f:
                 f.seek(0, os.SEEK_END)
                 length = f.tell() - f.tell() % INDEX_ENTRY.size
                 if length == 0:
-                    return 0
+                    return 0, 0
+                f.seek(0)
+                first = INDEX_ENTRY.unpack(f.read(INDEX_ENTRY.size))[2]
                 f.seek(length - INDEX_ENTRY.size)
-                return int(INDEX_ENTRY.unpack(f.read(INDEX_ENTRY.size))[2])
+                return int(first), int(INDEX_ENTRY.unpack(f.read(INDEX_ENTRY.size))[2])
         except FileNotFoundError:
-            return 0
+            return 0, 0
 
     def load_index(self, valid_below: int | None = None) -> None:
         """Read the index file, keeping entries for positions below ``valid_below`` (default: all)."""
@@ -131,6 +136,7 @@ class Segment:
             self.index_timestamps.append(ts)
         if self.index_positions:
             self._last_indexed_position = self.index_positions[-1]
+            self.first_timestamp_ns = self.index_timestamps[0]
         self._index_loaded = True
 
     def rewrite_index_file(self) -> None:
@@ -164,6 +170,8 @@ class Segment:
 
     def _add_index_entry(self, offset: int, position: int, timestamp_ns: int) -> None:
         rel = offset - self.base_offset
+        if not self.index_offsets:
+            self.first_timestamp_ns = timestamp_ns
         self.index_offsets.append(rel)
         self.index_positions.append(position)
         self.index_timestamps.append(timestamp_ns)
@@ -274,10 +282,10 @@ class Segment:
             file_pos += pos
 
     def corrupt_error(self, exc: InvalidBatch) -> CorruptLogError:
+        data_dir = next((d for d in self.directory.parents if (d / "LOCK").exists()), self.directory)
         return CorruptLogError(
             f"corrupt record batch in {self.log_path} at byte {exc.position}: {exc.reason}. "
-            f"Run `python -m pigeon.engine.repair {self.directory.parent.parent.parent}` "
-            "to salvage every valid batch.",
+            f"Run `python -m pigeon.engine.repair {data_dir}` to salvage every valid batch.",
             path=str(self.log_path),
             position=exc.position,
         )

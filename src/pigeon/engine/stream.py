@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 from ..errors import (
     ConcurrencyConflictError,
@@ -22,6 +23,7 @@ from .config import StreamConfig
 from .dedup import DedupWindow
 from .murmur2 import partition_for_key
 from .partition import Partition
+from .segment import Segment
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +52,17 @@ class BatchAck(Sequence[PubAck]):
     def __len__(self) -> int:
         return len(self._offsets)
 
-    def __getitem__(self, i: int) -> PubAck:  # type: ignore[override]
+    @overload
+    def __getitem__(self, i: int) -> PubAck: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[PubAck]: ...
+    def __getitem__(self, i: int | slice) -> PubAck | list[PubAck]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError("batch ack index out of range")
         return PubAck(self.stream, self._partitions[i], self._offsets[i], i in self._duplicates)
 
     def __iter__(self) -> Iterator[PubAck]:
@@ -74,18 +86,27 @@ class Expect:
     last_subject_offset: int | None = None
 
 
+def append_time_ns() -> int:
+    """Now, in whole microseconds: a float of seconds (``Message.timestamp``) holds that exactly,
+    so reading from a message's own timestamp finds that message."""
+    return time.time_ns() // 1000 * 1000
+
+
 class _Group:
     """The messages of one publish bound for one partition."""
 
-    __slots__ = ("encoded", "explicit_ids", "indexes", "subjects")
+    __slots__ = ("encoded", "explicit_ids", "indexes", "subjects", "uniform")
 
     def __init__(self) -> None:
         self.indexes: list[int] = []
         self.encoded: list[bytes] = []
         self.subjects: list[str] = []
         self.explicit_ids: list[tuple[str, int]] = []
+        self.uniform = True  # one subject and no optional fields: readers take a faster path
 
     def add(self, index: int, record: bytes, subject: str, explicit_id: str | None) -> None:
+        if self.uniform and (record[4] != 0 or (self.subjects and subject != self.subjects[0])):
+            self.uniform = False
         if explicit_id is not None:
             self.explicit_ids.append((explicit_id, len(self.encoded)))
         self.indexes.append(index)
@@ -104,6 +125,8 @@ class Stream:
         self._round_robin = itertools.cycle(range(config.partitions))
         self._id_ms = -1
         self._id_next = 0
+        self._last_yield_ns = 0
+        self._yield_every_ns = config.fsync_interval_ms * 1_000_000
 
     @classmethod
     def open(cls, config: StreamConfig, directory: Path, max_message_bytes: int) -> Stream:
@@ -133,7 +156,7 @@ class Stream:
         self._id_next += count
         return base
 
-    async def _append(
+    def _write(
         self,
         partition: Partition,
         encoded: list[bytes],
@@ -141,16 +164,26 @@ class Stream:
         explicit_ids: list[tuple[str, int]] | None,
         now_ns: int,
         uniform: bool = False,
-    ) -> int:
-        """Append one batch to one partition and wait as its durability policy says."""
+    ) -> tuple[int, int]:
+        """Append one batch to one partition; returns (base offset, write sequence).
+
+        Synchronous on purpose: checks made before it cannot be invalidated by another task.
+        """
         base_offset, seq = partition.append(
             encoded, subjects, explicit_ids, now_ns, self._next_id_base(now_ns, len(encoded)), uniform
         )
         if partition.rolled:
             self.apply_retention(now_ns)
+        return base_offset, seq
+
+    async def _durable(self, partition: Partition, seq: int, now_ns: int) -> None:
         if self.config.durability == "always":
             await partition.wait_durable(seq)
-        return base_offset
+        elif now_ns - self._last_yield_ns > self._yield_every_ns:
+            # A publisher that never awaits anything real would starve the interval fsync and
+            # the segment seals, which run as tasks: yield to the loop once per interval.
+            self._last_yield_ns = now_ns
+            await asyncio.sleep(0)
 
     async def _duplicate(self, seen: tuple[int, int]) -> PubAck:
         partition = self.partitions[seen[0]]
@@ -169,7 +202,7 @@ class Stream:
         expect: Expect | None,
     ) -> PubAck:
         """The single-message path (no lists, no grouping): most publishes take it."""
-        now_ns = time.time_ns()
+        now_ns = append_time_ns()
         if msg_id is not None:
             seen = self.dedup.lookup(msg_id, now_ns)
             if seen is not None:
@@ -182,22 +215,29 @@ class Stream:
             self._check_expectations(p, subject, expect)
         if self.config.discard == "new":
             self._check_room(1, len(record))
-        offset = await self._append(
+        offset, seq = self._write(
             partition, [record], subject, None if msg_id is None else [(msg_id, 0)], now_ns
         )
+        await self._durable(partition, seq, now_ns)
         return PubAck(self.name, p, offset)
 
     async def publish_many(
-        self, subject: str, payloads: Sequence[bytes], key: str | None
+        self, subject: str, payloads: Sequence[bytes], key: str | None, headers: dict[str, str] | None
     ) -> BatchAck:
-        """Bulk path: one subject, payloads only, one partition, one atomic batch."""
-        now_ns = time.time_ns()
-        encoded = records.encode_plain_records(subject, payloads)
+        """Bulk path: one subject, one key, shared headers, one partition, one atomic batch."""
+        now_ns = append_time_ns()
+        uniform = key is None and not headers
+        if uniform:
+            encoded = records.encode_plain_records(subject, payloads)
+        else:
+            encoded = [records.encode_record(subject, p, key, headers or {}, None) for p in payloads]
         self._check_size(subject, max(encoded, key=len))
         p = next(self._round_robin) if key is None else self.partition_for(key)
         if self.config.discard == "new":
             self._check_room(len(encoded), sum(map(len, encoded)))
-        base_offset = await self._append(self.partitions[p], encoded, subject, None, now_ns, True)
+        partition = self.partitions[p]
+        base_offset, seq = self._write(partition, encoded, subject, None, now_ns, uniform)
+        await self._durable(partition, seq, now_ns)
         return BatchAck(
             self.name, [p] * len(encoded), range(base_offset, base_offset + len(encoded)), set()
         )
@@ -214,7 +254,7 @@ class Stream:
 
         Messages bound for one partition are written as one batch: atomic, one CRC, one write.
         """
-        now_ns = time.time_ns()
+        now_ns = append_time_ns()
         count = len(messages)
         partitions = [0] * count
         offsets = [0] * count
@@ -244,7 +284,7 @@ class Stream:
             if group is None:
                 group = groups[p] = _Group()
             group.add(i, record, message.subject, explicit_id)
-        if expect is not None:
+        if expect is not None and groups:  # all duplicates: a retry gets the original acks
             if len(groups) != 1:
                 raise InvalidMessageError(
                     "a publish with expectations must put all its messages in one partition: "
@@ -257,13 +297,13 @@ class Stream:
                 sum(len(g.encoded) for g in groups.values()),
                 sum(sum(map(len, g.encoded)) for g in groups.values()),
             )
-        base_offsets = await asyncio.gather(
-            *(
-                self._append(self.partitions[p], g.encoded, g.subjects, g.explicit_ids, now_ns)
-                for p, g in groups.items()
+        written = []
+        for p, group in groups.items():
+            partition = self.partitions[p]
+            base_offset, seq = self._write(
+                partition, group.encoded, group.subjects, group.explicit_ids, now_ns, group.uniform
             )
-        )
-        for (p, group), base_offset in zip(groups.items(), base_offsets, strict=True):
+            written.append((partition, seq))
             for n, i in enumerate(group.indexes):
                 partitions[i] = p
                 offsets[i] = base_offset + n
@@ -271,8 +311,16 @@ class Stream:
             if isinstance(where, int):
                 partitions[i], offsets[i] = partitions[where], offsets[where]
             else:
-                ack = await self._duplicate(where)
-                partitions[i], offsets[i] = ack.partition, ack.offset
+                partitions[i], offsets[i] = where
+        if self.config.durability == "always":
+            # A duplicate's original may still be waiting for its fsync: it is acked no sooner.
+            for where in duplicates.values():
+                if not isinstance(where, int):
+                    original = self.partitions[where[0]]
+                    written.append((original, original.written))
+            await asyncio.gather(*(partition.wait_durable(seq) for partition, seq in written))
+        elif written:
+            await self._durable(*written[0], now_ns)
         return BatchAck(self.name, partitions, offsets, set(duplicates))
 
     def _check_expectations(self, p: int, subject: str, expect: Expect) -> None:
@@ -334,26 +382,39 @@ class Stream:
                     partition.remove_oldest()
                     removed += 1
         if config.discard == "old":
-            removed += self._remove_over_limit(config.max_msgs, lambda s: s.message_count, "total_msgs")
-            removed += self._remove_over_limit(config.max_bytes, lambda s: s.size, "total_bytes")
+            removed += self._remove_over_limit(config.max_msgs, lambda s: s.message_count)
+            removed += self._remove_over_limit(config.max_bytes, lambda s: s.size)
         for partition in self.partitions:
             for i in reversed(partition.dead_segments()):
                 partition.remove_segment(i)
                 removed += 1
         return removed
 
-    def _remove_over_limit(self, limit: int | None, measure: object, total: str) -> int:
-        """Remove oldest segments while what remains still holds at least ``limit``."""
+    def _remove_over_limit(self, limit: int | None, measure: Callable[[Segment], int]) -> int:
+        """Remove oldest segments while what is certainly newer still holds at least ``limit``.
+
+        Newer than a segment means: later segments of its partition, and segments of other
+        partitions whose oldest message is younger than its newest. Messages of other
+        partitions that overlap it in time are not counted, so the newest ``limit`` messages
+        always survive (more may, until the overlap ages out).
+        """
         if limit is None:
             return 0
-        assert callable(measure)
         removed = 0
         while True:
             candidates = [p for p in self.partitions if len(p.segments) > 1]
             if not candidates:
                 return removed
             oldest = min(candidates, key=lambda p: p.segments[0].last_timestamp_ns)
-            if getattr(self, total) - measure(oldest.segments[0]) < limit:
+            segment = oldest.segments[0]
+            newer = sum(measure(s) for s in oldest.segments[1:]) + sum(
+                measure(s)
+                for p in self.partitions
+                if p is not oldest
+                for s in p.segments
+                if s.first_timestamp_ns > segment.last_timestamp_ns
+            )
+            if newer < limit:
                 return removed
             oldest.remove_oldest()
             removed += 1

@@ -51,6 +51,7 @@ class GroupBase:
         self._dead_letter_subject = dead_letter_subject
         self._failures: dict[tuple[int, int], Failures] = {}
         self._wakeup = asyncio.Event()
+        self._waiting = 0
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         for partition in stream.partitions:
@@ -58,18 +59,22 @@ class GroupBase:
 
     def _wake(self) -> None:
         """Wake every member waiting for something to fetch (data, acks, assignments)."""
-        self._wakeup.set()
-        self._wakeup = asyncio.Event()
+        if self._waiting:
+            self._wakeup.set()
+            self._wakeup = asyncio.Event()
 
     async def _wait(self, deadline: float) -> bool:
         """Wait for a wake-up until ``deadline`` (monotonic); False when the time is up."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
+        self._waiting += 1
         try:
             await asyncio.wait_for(self._wakeup.wait(), remaining)
         except TimeoutError:
             return False
+        finally:
+            self._waiting -= 1
         return True
 
     def _spawn(self, coro: Awaitable[None]) -> None:

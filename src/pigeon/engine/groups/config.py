@@ -108,7 +108,7 @@ class SharedGroupConfig:
         _number("ack_wait_s", self.ack_wait_s, minimum=0.001)
         _optional_int("max_deliver", self.max_deliver)
         _backoff(self.backoff)
-        _optional_int("max_ack_pending", self.max_ack_pending)
+        _positive_int("max_ack_pending", self.max_ack_pending)
         _optional_int("max_member_pending", self.max_member_pending)
 
 
@@ -145,10 +145,13 @@ def _number(name: str, value: object, *, minimum: float, maximum: float | None =
 
 
 def _optional_int(name: str, value: object) -> None:
-    if value is None:
-        return
+    if value is not None:
+        _positive_int(name, value)
+
+
+def _positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidConfigError(f"{name} must be a positive integer or None, not {value!r}")
+        raise InvalidConfigError(f"{name} must be a positive integer, not {value!r}")
 
 
 def _start(start: object) -> None:

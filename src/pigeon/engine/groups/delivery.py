@@ -2,12 +2,62 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+import asyncio
+from collections.abc import Callable
+from typing import Protocol
 
 from ...message import Message
 
-if TYPE_CHECKING:
-    import asyncio
+
+class CancelSignal:
+    """Set when a delivery may no longer be settled by its holder; observable by handlers.
+
+    Cheaper than an `asyncio.Event` (one per delivery adds up) and it takes callbacks, so a
+    push consumer can cancel the handler's task the moment its partition is revoked.
+    """
+
+    __slots__ = ("_callbacks", "_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._callbacks: list[Callable[[], object]] | None = None
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if self._set:
+            return
+        self._set = True
+        callbacks, self._callbacks = self._callbacks or [], None
+        waiters, self._waiters = self._waiters or [], None
+        for callback in callbacks:
+            callback()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def add_callback(self, callback: Callable[[], object]) -> None:
+        if self._set:
+            callback()
+        elif self._callbacks is None:
+            self._callbacks = [callback]
+        else:
+            self._callbacks.append(callback)
+
+    def remove_callback(self, callback: Callable[[], object]) -> None:
+        if self._callbacks and callback in self._callbacks:
+            self._callbacks.remove(callback)
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        await waiter
 
 
 class Settler(Protocol):
@@ -28,7 +78,17 @@ class Delivery:
     stop early, and settling it then raises `DeliveryNotOwnedError`.
     """
 
-    __slots__ = ("_settler", "cancelled", "delivery_count", "group", "lease", "message", "settled")
+    __slots__ = (
+        "_settler",
+        "cancelled",
+        "delivery_count",
+        "group",
+        "lease",
+        "message",
+        "offset",
+        "partition",
+        "settled",
+    )
 
     def __init__(
         self,
@@ -37,9 +97,12 @@ class Delivery:
         delivery_count: int,
         settler: Settler,
         lease: int,
-        cancelled: asyncio.Event,
+        cancelled: CancelSignal,
     ) -> None:
         self.message = message
+        # Copied from the message (always set on stored messages): read on every settle.
+        self.partition: int = message.partition  # type: ignore[assignment]
+        self.offset: int = message.offset  # type: ignore[assignment]
         self.group = group
         self.delivery_count = delivery_count
         self.lease = lease
@@ -47,23 +110,11 @@ class Delivery:
         self.settled = False
         self._settler = settler
 
-    @property
-    def partition(self) -> int:
-        assert self.message.partition is not None
-        return self.message.partition
-
-    @property
-    def offset(self) -> int:
-        assert self.message.offset is not None
-        return self.message.offset
-
     async def ack(self) -> None:
         """Processing succeeded: never deliver this message to this group again."""
         await self._settler._ack(self)
 
-    async def nack(
-        self, delay: float | None = None, *, error: BaseException | str | None = None
-    ) -> None:
+    async def nack(self, delay: float | None = None, *, error: BaseException | str | None = None) -> None:
         """Processing failed: deliver again after ``delay`` seconds (default: the group's backoff).
 
         ``error`` is remembered and written on the dead letter if the message ends there.

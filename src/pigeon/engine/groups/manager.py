@@ -67,7 +67,9 @@ class Groups:
             dead_letter_stream(stream.config, config.name)  # fail early on an impossible name
         return await self._open(stream, config, new=True)
 
-    async def _open(self, stream: Stream, config: OrderedGroupConfig | SharedGroupConfig, *, new: bool) -> Group:
+    async def _open(
+        self, stream: Stream, config: OrderedGroupConfig | SharedGroupConfig, *, new: bool
+    ) -> Group:
         directory = self._directory(stream, config.name)
         loop = asyncio.get_running_loop()
         if new:

@@ -27,7 +27,7 @@ from ..stream import Stream
 from .base import DeadLetterSink, GroupBase, check_fetch, check_nack_delay
 from .config import OrderedGroupConfig
 from .deadletter import Failures
-from .delivery import Delivery
+from .delivery import CancelSignal, Delivery
 from .lag import PartitionLag
 from .statelog import COMMIT, StateLog
 
@@ -45,7 +45,14 @@ class MemberState:
 
 class _PartitionState:
     __slots__ = (
-        "batch", "committed", "epoch", "owner", "paused_until", "position", "processed", "settled_prefix"
+        "batch",
+        "committed",
+        "epoch",
+        "owner",
+        "paused_until",
+        "position",
+        "processed",
+        "settled_prefix",
     )
 
     def __init__(self, committed: int) -> None:
@@ -259,12 +266,14 @@ class OrderedGroup(GroupBase):
             messages = self.stream.partitions[p].fetch(st.position, max_messages - len(out))
             if not messages:
                 continue
-            cancelled = asyncio.Event()
-            for message in messages:
-                assert message.offset is not None
-                key = (p, message.offset)
-                attempts = self._attempts[key] = self._attempts.get(key, 0) + 1
-                st.batch.append(Delivery(message, self.name, attempts, self, st.epoch, cancelled))
+            cancelled = CancelSignal()
+            attempts = self._attempts
+            epoch = st.epoch
+            name = self.name
+            st.batch = [
+                Delivery(m, name, attempts.get((p, m.offset), 0) + 1, self, epoch, cancelled)  # type: ignore[arg-type]
+                for m in messages
+            ]
             out += st.batch
             first = messages[0].offset
             if first is not None and first > st.processed:  # retention removed what lay between
@@ -294,14 +303,28 @@ class OrderedGroup(GroupBase):
             return False
         if batch:
             st.processed = batch[-1].offset + 1
-            for delivery in batch:
-                self._attempts.pop((delivery.partition, delivery.offset), None)
+            if self._attempts:
+                for delivery in batch:
+                    self._attempts.pop((delivery.partition, delivery.offset), None)
             st.batch = []
             st.settled_prefix = 0
         return True
 
     async def _ack(self, delivery: Delivery) -> None:
         await self._acknowledged(delivery, self._settle(delivery))
+
+    async def _ack_batch(self, deliveries: list[Delivery]) -> None:
+        states = {}
+        for delivery in deliveries:
+            states[delivery.partition] = self._settle(delivery)
+        if self._failures:
+            for delivery in deliveries:
+                self._failures.pop((delivery.partition, delivery.offset), None)
+        done = [p for p, st in states.items() if self._advance(st)]
+        mode = self.config.commit
+        await self._commit(list(states) if mode == "message" else done if mode == "batch" else [])
+        if done:
+            self._wake()
 
     async def _acknowledged(self, delivery: Delivery, st: _PartitionState) -> None:
         self._failures.pop((delivery.partition, delivery.offset), None)
@@ -316,6 +339,7 @@ class OrderedGroup(GroupBase):
         check_nack_delay(delay)
         st = self._settle(delivery)
         failures = self._note_failure(delivery, error)
+        self._attempts[(delivery.partition, delivery.offset)] = delivery.delivery_count
         max_deliver = self.config.max_deliver
         if max_deliver is not None and delivery.delivery_count >= max_deliver:
             await self._give_up(delivery, st, failures)
@@ -349,7 +373,9 @@ class OrderedGroup(GroupBase):
 
     async def _in_progress(self, delivery: Delivery) -> None:
         st = self._parts[delivery.partition]
-        self._check_settle(delivery, st.epoch if st.batch and delivery.cancelled is st.batch[0].cancelled else None)
+        self._check_settle(
+            delivery, st.epoch if st.batch and delivery.cancelled is st.batch[0].cancelled else None
+        )
         if st.owner is not None:
             st.owner.last_poll = time.monotonic()
 
@@ -427,6 +453,10 @@ class OrderedMember:
         while True:
             for delivery in await self.fetch(100, 5.0):
                 yield delivery
+
+    async def ack_batch(self, deliveries: list[Delivery]) -> None:
+        """Acknowledge many deliveries at once: one commit instead of one per message."""
+        await self.group._ack_batch(deliveries)
 
     def heartbeat(self) -> None:
         self.group._check_member(self)

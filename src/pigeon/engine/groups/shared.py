@@ -22,7 +22,7 @@ from ...message import Message
 from ..stream import Stream
 from .base import DeadLetterSink, GroupBase, check_fetch, check_nack_delay
 from .config import SharedGroupConfig
-from .delivery import Delivery
+from .delivery import CancelSignal, Delivery
 from .lag import PartitionLag
 from .statelog import ACK, COMMIT, DELIVER, NACK, TERM, StateLog
 
@@ -87,9 +87,12 @@ class SharedGroup(GroupBase):
         self._parts = [_PartitionState(offset) for offset in start_offsets]
         self._leases: dict[tuple[int, int], _Lease] = {}
         self._ready: list[tuple[float, int, int]] = []  # (monotonic time, partition, offset)
-        self._expiry: list[tuple[float, int, int, int]] = []  # (deadline, lease, partition, offset)
+        # Every deadline is now + ack_wait, so leases expire in the order they were (re)armed.
+        self._expiry: deque[_Lease] = deque()
         self._members: dict[str, SharedMember] = {}
-        self._key_holders: dict[str, int] = {}
+        # key_ordered: the one message (partition, offset) that holds each key, and the
+        # messages of held keys waiting behind it, in offset order
+        self._key_owner: dict[str, tuple[int, int]] = {}
         self._parked: dict[str, deque[Message]] = {}
         self._parked_count = 0
         self._released: deque[Message] = deque()
@@ -101,6 +104,8 @@ class SharedGroup(GroupBase):
     # -- durable state -------------------------------------------------------------------------
 
     def restore(self, snapshot: dict[str, Any] | None, events: list[tuple[int, int, int, int]]) -> None:
+        # Where the group started is in its events (or the snapshot), not in today's "latest".
+        self._parts = [_PartitionState(0) for _ in self._parts]
         if snapshot is not None:
             for st, saved in zip(self._parts, snapshot["partitions"], strict=True):
                 st.floor = st.cursor = saved["floor"]
@@ -109,6 +114,9 @@ class SharedGroup(GroupBase):
                 st.not_before = {int(o): t for o, t in saved["not_before"].items()}
         for kind, p, offset, value in events:
             st = self._parts[p]
+            if kind == COMMIT:  # where a new group starts
+                st.skip_to(offset)
+                continue
             if offset < st.floor or offset in st.done:
                 continue
             if kind == DELIVER:
@@ -117,8 +125,6 @@ class SharedGroup(GroupBase):
                 st.finish(offset)
             elif kind == NACK and value:
                 st.not_before[offset] = value
-            elif kind == COMMIT:  # where a new group starts
-                st.skip_to(offset)
         for st in self._parts:
             st.cursor = st.floor  # rescan: unfinished messages are found again in offset order
 
@@ -231,37 +237,37 @@ class SharedGroup(GroupBase):
                 st.cursor = offset + 1
                 if offset in st.done:
                     continue
-                if key_ordered and message.key is not None and (
-                    message.key in self._key_holders or message.key in self._parked
+                if (
+                    key_ordered
+                    and message.key is not None
+                    and (message.key in self._key_owner or message.key in self._parked)
                 ):
                     self._parked.setdefault(message.key, deque()).append(message)
                     self._parked_count += 1
                     continue
                 not_before = st.not_before.get(offset)
                 if not_before is not None and not_before > time.time_ns():
-                    self._hold_key(message, st, offset)
+                    self._hold_key(message)
                     heapq.heappush(self._ready, (now + (not_before - time.time_ns()) / 1e9, p, offset))
                     continue
                 out.append(self._deliver(member, message, now))
 
-    def _hold_key(self, message: Message, st: _PartitionState, offset: int) -> None:
-        if offset not in st.counts:
-            st.counts[offset] = 0
+    def _hold_key(self, message: Message) -> None:
         if self.config.key_ordered and message.key is not None:
-            self._key_holders[message.key] = self._key_holders.get(message.key, 0) + 1
+            assert message.partition is not None and message.offset is not None
+            self._key_owner[message.key] = (message.partition, message.offset)
 
     def _deliver(self, member: SharedMember, message: Message, now: float) -> Delivery:
         assert message.partition is not None and message.offset is not None
         p, offset = message.partition, message.offset
         st = self._parts[p]
-        if offset not in st.counts:
-            self._hold_key(message, st, offset)
-        count = st.counts[offset] = st.counts[offset] + 1
+        self._hold_key(message)
+        count = st.counts[offset] = st.counts.get(offset, 0) + 1
         self._next_lease += 1
-        delivery = Delivery(message, self.name, count, self, self._next_lease, asyncio.Event())
+        delivery = Delivery(message, self.name, count, self, self._next_lease, CancelSignal())
         deadline = now + self.config.ack_wait_s
-        self._leases[(p, offset)] = _Lease(delivery, member, deadline)
-        heapq.heappush(self._expiry, (deadline, self._next_lease, p, offset))
+        lease = self._leases[(p, offset)] = _Lease(delivery, member, deadline)
+        self._expiry.append(lease)
         member.pending += 1
         self._state.record(DELIVER, p, offset)
         if self._expiry_task is None:
@@ -283,24 +289,20 @@ class SharedGroup(GroupBase):
         self._parts[p].finish(offset)
         self._failures.pop((p, offset), None)
         self._state.record(kind, p, offset)
-        if message is not None and self.config.key_ordered and message.key is not None:
-            key = message.key
-            holders = self._key_holders.get(key, 0) - 1
-            if holders > 0:
-                self._key_holders[key] = holders
-            else:
-                self._key_holders.pop(key, None)
-                parked = self._parked.get(key)
-                if parked:
-                    self._released.append(parked.popleft())
-                    self._parked_count -= 1
-                    # The released message holds the key until it too is done.
-                    self._key_holders[key] = 1
-                    released = self._released[-1]
-                    assert released.partition is not None and released.offset is not None
-                    self._parts[released.partition].counts.setdefault(released.offset, 0)
-                    if not parked:
-                        del self._parked[key]
+        if (
+            message is not None
+            and message.key is not None
+            and self._key_owner.get(message.key) == (p, offset)
+        ):
+            del self._key_owner[message.key]
+            parked = self._parked.get(message.key)
+            if parked:
+                released = parked.popleft()
+                self._parked_count -= 1
+                if not parked:
+                    del self._parked[message.key]
+                self._hold_key(released)
+                self._released.append(released)
         self._wake()
 
     async def _ack(self, delivery: Delivery) -> None:
@@ -308,9 +310,13 @@ class SharedGroup(GroupBase):
         self._finish(delivery.partition, delivery.offset, delivery.message, ACK)
         await self._flush()
 
-    async def _nack(
-        self, delivery: Delivery, delay: float | None, error: BaseException | str | None
-    ) -> None:
+    async def _ack_batch(self, deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            self._take_lease(delivery)
+            self._finish(delivery.partition, delivery.offset, delivery.message, ACK)
+        await self._flush()
+
+    async def _nack(self, delivery: Delivery, delay: float | None, error: BaseException | str | None) -> None:
         check_nack_delay(delay)
         self._take_lease(delivery)
         await self._failed(delivery, error, delay)
@@ -329,9 +335,11 @@ class SharedGroup(GroupBase):
         self._check_settle(delivery, None if lease is None else lease.delivery.lease)
         assert lease is not None
         lease.deadline = time.monotonic() + self.config.ack_wait_s
-        heapq.heappush(self._expiry, (lease.deadline, delivery.lease, delivery.partition, delivery.offset))
+        self._expiry.append(lease)
 
-    async def _failed(self, delivery: Delivery, error: BaseException | str | None, delay: float | None) -> None:
+    async def _failed(
+        self, delivery: Delivery, error: BaseException | str | None, delay: float | None
+    ) -> None:
         """A delivery failed (nack or expired lease): redeliver later, or give up on it."""
         p, offset = delivery.partition, delivery.offset
         failures = self._note_failure(delivery, error)
@@ -355,21 +363,23 @@ class SharedGroup(GroupBase):
         while not self._closed:
             now = time.monotonic()
             expired = []
-            while self._expiry and self._expiry[0][0] <= now:
-                _, token, p, offset = heapq.heappop(self._expiry)
-                lease = self._leases.get((p, offset))
-                if lease is None or lease.delivery.lease != token or lease.deadline > now:
-                    continue
-                expired.append(lease)
+            while self._expiry and self._expiry[0].deadline <= now:
+                lease = self._expiry.popleft()
+                delivery = lease.delivery
+                # Skip leases settled meanwhile; an extended one is queued again further on.
+                if self._leases.get((delivery.partition, delivery.offset)) is lease and lease.deadline <= now:
+                    expired.append(lease)
             for lease in expired:
                 delivery = lease.delivery
                 del self._leases[(delivery.partition, delivery.offset)]
                 lease.member.pending -= 1
                 delivery.cancelled.set()
-                await self._failed(delivery, f"not acknowledged within ack_wait ({self.config.ack_wait_s}s)", None)
+                await self._failed(
+                    delivery, f"not acknowledged within ack_wait ({self.config.ack_wait_s}s)", None
+                )
             if expired:
                 await self._flush()
-            next_deadline = self._expiry[0][0] - now if self._expiry else _EXPIRY_TICK_S
+            next_deadline = self._expiry[0].deadline - now if self._expiry else _EXPIRY_TICK_S
             await asyncio.sleep(max(0.001, min(_EXPIRY_TICK_S, next_deadline)))
 
     async def _release_member(self, member: SharedMember) -> None:
@@ -437,6 +447,10 @@ class SharedMember:
         while True:
             for delivery in await self.fetch(100, 5.0):
                 yield delivery
+
+    async def ack_batch(self, deliveries: list[Delivery]) -> None:
+        """Acknowledge many deliveries at once: one state-log write instead of one per message."""
+        await self.group._ack_batch(deliveries)
 
     async def leave(self) -> None:
         await self.group._release_member(self)

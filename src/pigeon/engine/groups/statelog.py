@@ -2,7 +2,7 @@
 
 Every change a group makes durable (a commit, a delivery, an ack, a nack, a dead letter) is
 an event appended to a private partition log, under the stream's durability policy. Events
-queued in one event-loop iteration share one record, so a burst of acks costs one write.
+recorded together (a fetched batch's deliveries, a batch ack) share one record and one write.
 When the log grows, the group writes a snapshot of its whole state (atomically, fsynced) and
 drops the log segments the snapshot covers. Opening replays the snapshot and the events
 after it.
@@ -43,7 +43,6 @@ class StateLog:
         self.directory = directory
         self._partition = partition
         self._pending: list[bytes] = []
-        self._written: asyncio.Future[int] | None = None
         self._events_since_snapshot = 0
 
     @classmethod
@@ -80,38 +79,28 @@ class StateLog:
         self._partition.bind(executor, DedupWindow(0))
 
     def record(self, kind: int, partition: int, offset: int, value: int = 0) -> None:
-        """Queue an event; it is written with the others of this loop iteration."""
+        """Queue an event; the next `flush` writes it together with the others queued."""
         self._pending.append(EVENT.pack(kind, partition, offset, value))
 
     async def flush(self, *, sync: bool = False) -> None:
-        """Write queued events (one record per loop iteration) and wait for their durability.
+        """Write queued events as one record, then wait as the durability policy says.
 
-        ``sync`` forces an fsync whatever the policy (used when a group is created).
+        The write itself is synchronous (the OS's page cache; no loop iteration is lost), so a
+        settle that returns has reached the OS. ``sync`` forces an fsync whatever the policy
+        (used when a group is created).
         """
-        if self._written is None:
-            self._written = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().call_soon(self._write)
-        seq = await asyncio.shield(self._written)
-        if sync or self._partition.config.durability == "always":
-            await self._partition.wait_durable(seq)
-
-    def _write(self) -> None:
-        future, self._written = self._written, None
-        assert future is not None
-        try:
-            if self._pending:
-                payload = b"".join(self._pending)
-                self._events_since_snapshot += len(self._pending)
-                self._pending.clear()
-                _, seq = self._partition.append(
-                    encode_plain_records(_SUBJECT, [payload]), _SUBJECT, None, time.time_ns(), 0, True
-                )
-            else:
-                seq = self._partition.written
-        except BaseException as exc:  # e.g. disk full: the waiting acks must fail, not hang
-            future.set_exception(exc)
-            return
-        future.set_result(seq)
+        partition = self._partition
+        if self._pending:
+            payload = b"".join(self._pending)
+            self._events_since_snapshot += len(self._pending)
+            self._pending.clear()
+            _, seq = partition.append(
+                encode_plain_records(_SUBJECT, [payload]), _SUBJECT, None, time.time_ns(), 0, True
+            )
+        else:
+            seq = partition.written
+        if sync or partition.config.durability == "always":
+            await partition.wait_durable(seq)
 
     @property
     def needs_snapshot(self) -> bool:
@@ -132,8 +121,7 @@ class StateLog:
             partition.remove_oldest()
 
     async def close(self) -> None:
-        if self._written is not None:
-            await asyncio.shield(self._written)
+        await self.flush()
         await self._partition.close()
 
 
