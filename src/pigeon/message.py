@@ -110,9 +110,9 @@ class Message:
     """
 
     __slots__ = (
+        "_headers",
         "_id",
         "_id_number",
-        "headers",
         "key",
         "offset",
         "partition",
@@ -138,13 +138,24 @@ class Message:
         self.subject = subject
         self.payload = payload
         self.key = key
-        self.headers: dict[str, str] = dict(headers) if headers else {}
+        self._headers: dict[str, str] | None = dict(headers) if headers else None
         self._id = id
         self._id_number: int | None = None
         self.timestamp = time.time() if timestamp is None else timestamp
         self.stream = stream
         self.partition = partition
         self.offset = offset
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Text headers; created on first access (most stored messages have none)."""
+        if self._headers is None:
+            self._headers = {}
+        return self._headers
+
+    @headers.setter
+    def headers(self, value: dict[str, str]) -> None:
+        self._headers = value
 
     @property
     def id(self) -> str:

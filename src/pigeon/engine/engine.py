@@ -334,7 +334,7 @@ class Engine:
                 raise InvalidConfigError(f"publish_batch takes Message objects, not {message!r}")
         stream = self.stream_for_subject(messages[0].subject)
         for message in messages:
-            if not isinstance(message.headers, dict):
+            if message._headers is not None and not isinstance(message._headers, dict):
                 raise InvalidMessageError("message headers must be a dict of text to text")
             if message.subject is not messages[0].subject and self.stream_for_subject(
                 message.subject

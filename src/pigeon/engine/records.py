@@ -33,7 +33,8 @@ MAGIC = 0xB1
 HEADER = struct.Struct("<BBIIQIqQQ")
 HEADER_SIZE = HEADER.size
 _CRC_START = 10  # magic, attributes, length and crc themselves are not covered
-_LENGTH_AT = struct.Struct("<BBI")
+_BEFORE_CRC = struct.Struct("<BBII")  # magic, attributes, length, crc
+_AFTER_CRC = struct.Struct("<QIqQQ")  # base offset, count, timestamp, base id (high, low)
 
 _RECORD = struct.Struct("<IBH")
 _U8 = struct.Struct("<B")
@@ -108,7 +109,7 @@ def decode_headers(raw: bytes) -> dict[str, str]:
 
 
 def encode_record(
-    subject: str, payload: bytes, key: str | None, headers: dict[str, str], explicit_id: str | None
+    subject: str, payload: bytes, key: str | None, headers: dict[str, str] | None, explicit_id: str | None
 ) -> bytes:
     """One record's bytes. The common case (no key, id or headers) takes the first branch."""
     subject_bytes = _encode_subject(subject)
@@ -152,12 +153,11 @@ def encode_plain_records(subject: str, payloads: Sequence[bytes]) -> list[bytes]
 def encode_batch(
     base_offset: int, timestamp_ns: int, base_id: int, records: Sequence[bytes], attributes: int = 0
 ) -> bytes:
-    body = b"".join(records)
-    tail = HEADER.pack(
-        0, 0, 0, 0, base_offset, len(records), timestamp_ns, base_id >> 64, base_id & (2**64 - 1)
-    )[_CRC_START:] + body
+    tail = _AFTER_CRC.pack(
+        base_offset, len(records), timestamp_ns, base_id >> 64, base_id & 0xFFFFFFFFFFFFFFFF
+    ) + b"".join(records)
     crc = crc32c(tail, _ATTRIBUTE_CRC[attributes])
-    return _LENGTH_AT.pack(MAGIC, attributes, _CRC_START + len(tail)) + _U32.pack(crc) + tail
+    return _BEFORE_CRC.pack(MAGIC, attributes, _CRC_START + len(tail), crc) + tail
 
 
 class BatchHeader:
@@ -238,7 +238,7 @@ def decode_records(
             message._id = None
             message._id_number = id_delta + offset
             message.key = None
-            message.headers = {}
+            message._headers = None
         else:
             pos = _decode_optional_fields(buf, pos, flags, message, id_delta + offset)
         message.payload = buf[pos:record_end]
@@ -276,7 +276,7 @@ def _decode_uniform(
             message._id = None
             message._id_number = id_delta + offset
             message.key = None
-            message.headers = {}
+            message._headers = None
             message.payload = buf[pos + skip : record_end]
             append(message)
         pos = record_end
@@ -298,10 +298,10 @@ def _decode_optional_fields(buf: bytes, pos: int, flags: int, message: Message, 
         (key_len,) = _U16.unpack_from(buf, pos)
         message.key = buf[pos + 2 : pos + 2 + key_len].decode()
         pos += 2 + key_len
-    message.headers = {}
+    message._headers = None
     if flags & HEADERS:
         (headers_len,) = _U32.unpack_from(buf, pos)
-        message.headers = decode_headers(buf[pos + 4 : pos + 4 + headers_len])
+        message._headers = decode_headers(buf[pos + 4 : pos + 4 + headers_len])
         pos += 4 + headers_len
     return pos
 

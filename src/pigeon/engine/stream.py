@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import overload
+from typing import NamedTuple, overload
 
 from ..errors import (
     ConcurrencyConflictError,
@@ -26,8 +26,7 @@ from .partition import Partition
 from .segment import Segment
 
 
-@dataclass(frozen=True, slots=True)
-class PubAck:
+class PubAck(NamedTuple):
     """Where a published message was stored; ``duplicate`` when its id was seen in the window."""
 
     stream: str
@@ -207,7 +206,7 @@ class Stream:
             seen = self.dedup.lookup(msg_id, now_ns)
             if seen is not None:
                 return await self._duplicate(seen)
-        record = records.encode_record(subject, payload, key, headers or {}, msg_id)
+        record = records.encode_record(subject, payload, key, headers, msg_id)
         self._check_size(subject, record)
         p = next(self._round_robin) if key is None else self.partition_for(key)
         partition = self.partitions[p]
@@ -230,7 +229,7 @@ class Stream:
         if uniform:
             encoded = records.encode_plain_records(subject, payloads)
         else:
-            encoded = [records.encode_record(subject, p, key, headers or {}, None) for p in payloads]
+            encoded = [records.encode_record(subject, p, key, headers, None) for p in payloads]
         self._check_size(subject, max(encoded, key=len))
         p = next(self._round_robin) if key is None else self.partition_for(key)
         if self.config.discard == "new":
@@ -276,7 +275,7 @@ class Stream:
                     duplicates[i] = seen
                     continue
                 batch_ids[explicit_id] = i
-            record = encode(message.subject, message.payload, message.key, message.headers, explicit_id)
+            record = encode(message.subject, message.payload, message.key, message._headers, explicit_id)
             self._check_size(message.subject, record)
             key = message.key
             p = unkeyed_partition if key is None else self.partition_for(key)

@@ -107,7 +107,7 @@ class GroupBase:
     def _check_settle(delivery: Delivery, current_lease: int | None) -> None:
         if delivery.settled:
             raise AlreadySettledError(f"{delivery!r} was settled already")
-        if current_lease != delivery.lease or delivery.cancelled.is_set():
+        if current_lease != delivery.lease or delivery.is_cancelled():
             raise DeliveryNotOwnedError(
                 f"{delivery!r} is no longer held by its member (lease expired or partition revoked)"
             )

@@ -79,10 +79,12 @@ class Delivery:
     """
 
     __slots__ = (
+        "_cancelled",
         "_settler",
-        "cancelled",
+        "deadline",
         "delivery_count",
         "group",
+        "holder",
         "lease",
         "message",
         "offset",
@@ -97,7 +99,7 @@ class Delivery:
         delivery_count: int,
         settler: Settler,
         lease: int,
-        cancelled: CancelSignal,
+        cancelled: CancelSignal | None = None,
     ) -> None:
         self.message = message
         # Copied from the message (always set on stored messages): read on every settle.
@@ -106,9 +108,22 @@ class Delivery:
         self.group = group
         self.delivery_count = delivery_count
         self.lease = lease
-        self.cancelled = cancelled
+        self._cancelled = cancelled
         self.settled = False
         self._settler = settler
+        # Shared groups keep the lease on the delivery itself: who holds it, and until when.
+        self.holder: object = None
+        self.deadline = 0.0
+
+    @property
+    def cancelled(self) -> CancelSignal:
+        """Set when the holder lost this delivery; created on first use (most never need it)."""
+        if self._cancelled is None:
+            self._cancelled = CancelSignal()
+        return self._cancelled
+
+    def is_cancelled(self) -> bool:
+        return self._cancelled is not None and self._cancelled.is_set()
 
     async def ack(self) -> None:
         """Processing succeeded: never deliver this message to this group again."""

@@ -22,7 +22,7 @@ from ...message import Message
 from ..stream import Stream
 from .base import DeadLetterSink, GroupBase, check_fetch, check_nack_delay
 from .config import SharedGroupConfig
-from .delivery import CancelSignal, Delivery
+from .delivery import Delivery
 from .lag import PartitionLag
 from .statelog import ACK, COMMIT, DELIVER, NACK, TERM, StateLog
 
@@ -39,8 +39,9 @@ class _PartitionState:
         self.counts: dict[int, int] = {}  # delivered but not done -> deliveries so far
         self.not_before: dict[int, int] = {}  # nacked with a delay -> wall-clock ns
 
-    def finish(self, offset: int) -> None:
-        self.counts.pop(offset, None)
+    def finish(self, offset: int) -> bool:
+        """Mark ``offset`` done; True when it had been delivered (it was unfinished)."""
+        delivered = self.counts.pop(offset, None) is not None
         self.not_before.pop(offset, None)
         if offset == self.floor:
             self.floor += 1
@@ -49,6 +50,7 @@ class _PartitionState:
                 self.floor += 1
         elif offset > self.floor:
             self.done.add(offset)
+        return delivered
 
     def skip_to(self, offset: int) -> None:
         """Retention removed everything below ``offset``: it can no longer be delivered."""
@@ -61,15 +63,6 @@ class _PartitionState:
                 self.done.remove(self.floor)
                 self.floor += 1
         self.cursor = max(self.cursor, offset)
-
-
-class _Lease:
-    __slots__ = ("deadline", "delivery", "member")
-
-    def __init__(self, delivery: Delivery, member: SharedMember, deadline: float) -> None:
-        self.delivery = delivery
-        self.member = member
-        self.deadline = deadline
 
 
 class SharedGroup(GroupBase):
@@ -85,10 +78,10 @@ class SharedGroup(GroupBase):
         super().__init__(stream, config, state, dead_letters, dead_letter_subject)
         self.config = config
         self._parts = [_PartitionState(offset) for offset in start_offsets]
-        self._leases: dict[tuple[int, int], _Lease] = {}
+        self._leases: dict[tuple[int, int], Delivery] = {}  # leased now, by partition and offset
         self._ready: list[tuple[float, int, int]] = []  # (monotonic time, partition, offset)
         # Every deadline is now + ack_wait, so leases expire in the order they were (re)armed.
-        self._expiry: deque[_Lease] = deque()
+        self._expiry: deque[Delivery] = deque()
         self._members: dict[str, SharedMember] = {}
         # key_ordered: the one message (partition, offset) that holds each key, and the
         # messages of held keys waiting behind it, in offset order
@@ -100,6 +93,7 @@ class SharedGroup(GroupBase):
         self._next_member = 0
         self._expiry_task: asyncio.Task[None] | None = None
         self._scan_start = 0
+        self._unfinished = 0
 
     # -- durable state -------------------------------------------------------------------------
 
@@ -127,6 +121,7 @@ class SharedGroup(GroupBase):
                 st.not_before[offset] = value
         for st in self._parts:
             st.cursor = st.floor  # rescan: unfinished messages are found again in offset order
+        self._recount()
 
     def _snapshot_state(self) -> dict[str, Any]:
         return {
@@ -161,7 +156,11 @@ class SharedGroup(GroupBase):
 
     @property
     def ack_pending(self) -> int:
-        return sum(len(st.counts) for st in self._parts)
+        """Messages delivered and not yet finished (what ``max_ack_pending`` bounds)."""
+        return self._unfinished
+
+    def _recount(self) -> None:
+        self._unfinished = sum(len(st.counts) for st in self._parts)
 
     async def _fetch(self, member: SharedMember, max_messages: int, timeout: float) -> list[Delivery]:
         check_fetch(max_messages, timeout)
@@ -225,10 +224,12 @@ class SharedGroup(GroupBase):
             messages = partition.fetch(st.cursor, room - len(out))
             if not messages:
                 st.skip_to(partition.next_offset)
+                self._recount()
                 return
             assert messages[0].offset is not None
             if messages[0].offset > st.cursor:
                 st.skip_to(messages[0].offset)
+                self._recount()
             for message in messages:
                 if len(out) >= room or self.ack_pending >= limit:
                     return
@@ -262,12 +263,16 @@ class SharedGroup(GroupBase):
         p, offset = message.partition, message.offset
         st = self._parts[p]
         self._hold_key(message)
-        count = st.counts[offset] = st.counts.get(offset, 0) + 1
+        count = st.counts.get(offset, 0) + 1
+        if count == 1 and offset not in st.counts:
+            self._unfinished += 1
+        st.counts[offset] = count
         self._next_lease += 1
-        delivery = Delivery(message, self.name, count, self, self._next_lease, CancelSignal())
-        deadline = now + self.config.ack_wait_s
-        lease = self._leases[(p, offset)] = _Lease(delivery, member, deadline)
-        self._expiry.append(lease)
+        delivery = Delivery(message, self.name, count, self, self._next_lease)
+        delivery.holder = member
+        delivery.deadline = now + self.config.ack_wait_s
+        self._leases[(p, offset)] = delivery
+        self._expiry.append(delivery)
         member.pending += 1
         self._state.record(DELIVER, p, offset)
         if self._expiry_task is None:
@@ -276,17 +281,16 @@ class SharedGroup(GroupBase):
 
     # -- settling --------------------------------------------------------------------------------
 
-    def _take_lease(self, delivery: Delivery) -> _Lease:
-        lease = self._leases.get((delivery.partition, delivery.offset))
-        self._check_settle(delivery, None if lease is None else lease.delivery.lease)
-        assert lease is not None
+    def _take_lease(self, delivery: Delivery) -> None:
+        leased = self._leases.get((delivery.partition, delivery.offset))
+        self._check_settle(delivery, None if leased is None else leased.lease)
         delivery.settled = True
         del self._leases[(delivery.partition, delivery.offset)]
-        lease.member.pending -= 1
-        return lease
+        _holder(delivery).pending -= 1
 
     def _finish(self, p: int, offset: int, message: Message | None, kind: int) -> None:
-        self._parts[p].finish(offset)
+        if self._parts[p].finish(offset):
+            self._unfinished -= 1
         self._failures.pop((p, offset), None)
         self._state.record(kind, p, offset)
         if (
@@ -331,11 +335,10 @@ class SharedGroup(GroupBase):
         await self._flush()
 
     async def _in_progress(self, delivery: Delivery) -> None:
-        lease = self._leases.get((delivery.partition, delivery.offset))
-        self._check_settle(delivery, None if lease is None else lease.delivery.lease)
-        assert lease is not None
-        lease.deadline = time.monotonic() + self.config.ack_wait_s
-        self._expiry.append(lease)
+        leased = self._leases.get((delivery.partition, delivery.offset))
+        self._check_settle(delivery, None if leased is None else leased.lease)
+        delivery.deadline = time.monotonic() + self.config.ack_wait_s
+        self._expiry.append(delivery)
 
     async def _failed(
         self, delivery: Delivery, error: BaseException | str | None, delay: float | None
@@ -364,15 +367,14 @@ class SharedGroup(GroupBase):
             now = time.monotonic()
             expired = []
             while self._expiry and self._expiry[0].deadline <= now:
-                lease = self._expiry.popleft()
-                delivery = lease.delivery
+                delivery = self._expiry.popleft()
                 # Skip leases settled meanwhile; an extended one is queued again further on.
-                if self._leases.get((delivery.partition, delivery.offset)) is lease and lease.deadline <= now:
-                    expired.append(lease)
-            for lease in expired:
-                delivery = lease.delivery
+                key = (delivery.partition, delivery.offset)
+                if self._leases.get(key) is delivery and delivery.deadline <= now:
+                    expired.append(delivery)
+            for delivery in expired:
                 del self._leases[(delivery.partition, delivery.offset)]
-                lease.member.pending -= 1
+                _holder(delivery).pending -= 1
                 delivery.cancelled.set()
                 await self._failed(
                     delivery, f"not acknowledged within ack_wait ({self.config.ack_wait_s}s)", None
@@ -385,10 +387,10 @@ class SharedGroup(GroupBase):
     async def _release_member(self, member: SharedMember) -> None:
         """A member left: its leased messages are redelivered at once, not counted as failures."""
         member.left = True
-        for key, lease in list(self._leases.items()):
-            if lease.member is member:
+        for key, delivery in list(self._leases.items()):
+            if delivery.holder is member:
                 del self._leases[key]
-                lease.delivery.cancelled.set()
+                delivery.cancelled.set()
                 heapq.heappush(self._ready, (time.monotonic(), *key))
         member.pending = 0
         self._members.pop(member.name, None)
@@ -454,3 +456,8 @@ class SharedMember:
 
     async def leave(self) -> None:
         await self.group._release_member(self)
+
+
+def _holder(delivery: Delivery) -> SharedMember:
+    assert isinstance(delivery.holder, SharedMember)
+    return delivery.holder
