@@ -348,6 +348,10 @@ class Partition:
             await self._in_thread(_seal_files, fd, old, self.directory, checkpoint)
             self._dir_synced_version = version
 
+    async def _close_under_lock(self, fd: int) -> None:
+        async with self._io_lock:
+            os.close(fd)
+
     def _checkpoint(self, segment: Segment, position: int) -> bytes:
         first = self.first_offset
         data: dict[str, Any] = {
@@ -538,6 +542,13 @@ class Partition:
         self.bases.pop(i)
         self.total_bytes -= segment.size
         self.total_msgs -= segment.message_count
+        # A just-rolled segment may still be open for its seal, or in a flush running in a
+        # thread: its fd is closed under the I/O lock, never under an fsync's feet.
+        fd, segment.write_fd = segment.write_fd, None
+        if fd is not None:
+            task = asyncio.get_running_loop().create_task(self._close_under_lock(fd))
+            self._seals.add(task)
+            task.add_done_callback(self._seals.discard)
         segment.delete()
         self._dir_version += 1
         self._forget_before(self.first_offset)

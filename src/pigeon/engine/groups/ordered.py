@@ -314,15 +314,28 @@ class OrderedGroup(GroupBase):
         await self._acknowledged(delivery, self._settle(delivery))
 
     async def _ack_batch(self, deliveries: list[Delivery]) -> None:
-        states = {}
+        touched: dict[int, _PartitionState] = {}
         for delivery in deliveries:
-            states[delivery.partition] = self._settle(delivery)
+            st = self._parts[delivery.partition]
+            # The checks of _settle, inlined: this loop runs once per message.
+            signal = delivery._cancelled
+            if (
+                delivery.settled
+                or signal is None
+                or signal._set
+                or delivery.lease != st.epoch
+                or not st.batch
+                or signal is not st.batch[0]._cancelled
+            ):
+                self._settle(delivery)  # raises the precise error
+            delivery.settled = True
+            touched[delivery.partition] = st
         if self._failures:
             for delivery in deliveries:
                 self._failures.pop((delivery.partition, delivery.offset), None)
-        done = [p for p, st in states.items() if self._advance(st)]
+        done = [p for p, st in touched.items() if self._advance(st)]
         mode = self.config.commit
-        await self._commit(list(states) if mode == "message" else done if mode == "batch" else [])
+        await self._commit(list(touched) if mode == "message" else done if mode == "batch" else [])
         if done:
             self._wake()
 
