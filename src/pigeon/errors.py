@@ -103,3 +103,33 @@ class AlreadySettledError(PigeonError):
 
 class MemberNotFoundError(PigeonError, LookupError):
     """The member left the group or was removed from it (session timeout, poll interval)."""
+
+
+class UnsupportedFeatureError(PigeonError, NotImplementedError):
+    """The transport cannot provide a feature; the message names the backend and an alternative."""
+
+    def __init__(self, backend: str, feature: str, alternative: str) -> None:
+        super().__init__(f"the {backend} transport does not support {feature}: {alternative}")
+        self.backend = backend
+        self.feature = feature
+        self.alternative = alternative
+
+
+class MissingExtraError(PigeonError, ImportError):
+    """A transport's client library is not installed."""
+
+
+class UnknownSchemeError(PigeonError, ValueError):
+    """``pigeon.connect`` got a URL whose scheme names no transport."""
+
+
+class NoRespondersError(PigeonError):
+    """A request reached no subscriber (the engine could tell at once)."""
+
+
+class RequestTimeoutError(PigeonError, TimeoutError):
+    """A request got no reply within its timeout."""
+
+
+class TransportClosedError(PigeonError):
+    """The transport was closed (or lost its connection for good)."""

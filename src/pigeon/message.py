@@ -56,6 +56,9 @@ class Headers:
     """On a dead letter or a retry: the id of the original message."""
     REDRIVE_COUNT: Final = "Pigeon-Redrive-Count"
     """How many times a message was sent back from the dead letters to its subject."""
+    REPLY_TO: Final = "Pigeon-Reply-To"
+    """On a request received by a subscriber: the subject its reply goes to (NATS's reply
+    subject, or an inbox pigeon made). `Transport.reply` uses it."""
 
     ALL: Final = (
         MSG_ID,
@@ -75,6 +78,7 @@ class Headers:
         ORIGINAL_OFFSET,
         ORIGINAL_MSG_ID,
         REDRIVE_COUNT,
+        REPLY_TO,
     )
 
 

@@ -1,0 +1,1 @@
+"""Testing helpers, importable by users: the transport conformance suite and service probes."""
