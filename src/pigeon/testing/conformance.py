@@ -16,6 +16,7 @@ deletes what it created. Timings are short but generous enough for a loaded mach
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -95,10 +96,8 @@ class TransportConformance:
             yield transport
         finally:
             for stream in self._created:
-                try:
+                with contextlib.suppress(Exception):
                     await transport.delete_stream(stream)
-                except Exception:  # noqa: BLE001 - cleanup must not hide the test's own result
-                    pass
             await transport.close()
 
     async def stream(self, transport: Transport, partitions: int = 1, **limits: Any) -> tuple[str, str]:
@@ -240,7 +239,9 @@ class TransportConformance:
         await watcher.unsubscribe()
 
     async def test_concurrent_publishers_and_consumers_lose_nothing(self, transport: Transport) -> None:
-        stream, prefix = await self.stream(transport, partitions=2 if self.has(transport, "partitions") else 1)
+        stream, prefix = await self.stream(
+            transport, partitions=2 if self.has(transport, "partitions") else 1
+        )
         spec = ConsumerSpec(unique_name("g"), ack_wait_s=10)
         consumers = [await transport.consumer(stream, spec) for _ in range(3)]
 
@@ -427,7 +428,9 @@ class TransportConformance:
             with pytest.raises(UnsupportedFeatureError):
                 await transport.consumer(stream, ConsumerSpec(unique_name("r"), start=StartAt.offset(0)))
         else:
-            consumer = await transport.consumer(stream, ConsumerSpec(unique_name("r"), start=StartAt.earliest()))
+            consumer = await transport.consumer(
+                stream, ConsumerSpec(unique_name("r"), start=StartAt.earliest())
+            )
             got = await drain(consumer, 10)
             assert [r.message.payload for r in got] == [f"old{i}".encode() for i in range(5)] + [
                 f"new{i}".encode() for i in range(5)
@@ -437,7 +440,9 @@ class TransportConformance:
             with pytest.raises(UnsupportedFeatureError):
                 await transport.consumer(stream, ConsumerSpec(unique_name("t"), start=StartAt.time(boundary)))
             return
-        consumer = await transport.consumer(stream, ConsumerSpec(unique_name("t"), start=StartAt.time(boundary)))
+        consumer = await transport.consumer(
+            stream, ConsumerSpec(unique_name("t"), start=StartAt.time(boundary))
+        )
         got = await drain(consumer, 5)
         assert [r.message.payload for r in got] == [f"new{i}".encode() for i in range(5)]
         await consumer.close()
