@@ -156,10 +156,14 @@ class Bus:
         if self._closed:
             raise TransportClosedError("the bus is closed")
         validate_subject(message.subject)
-        targets = self._targets(message.subject)
+        targets = self._targets(message.subject) if self._subscriptions else []
         for subscription in targets:
             await subscription._offer(message)
         return len(targets)
+
+    def has_subscribers(self, subject: str) -> bool:
+        """Whether a publish to ``subject`` would reach anyone (lets callers skip building it)."""
+        return bool(self._subscriptions) and bool(self._index.match(subject))
 
     async def request(
         self, subject: str, payload: bytes, headers: Mapping[str, str] | None, timeout: float

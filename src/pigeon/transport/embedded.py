@@ -8,6 +8,7 @@ stores it. Only this process can reach the folder; other processes use ``pigeon 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,13 +110,11 @@ class EmbeddedTransport(Transport):
         headers: Mapping[str, str] | None = None,
         msg_id: str | None = None,
     ) -> PubAck | None:
-        try:
-            self.engine.stream_for_subject(subject)
-        except NoStreamForSubjectError:
-            await self.bus.publish(Message(subject, payload, key=key, headers=headers, id=msg_id))
-            return None
-        ack = await self.engine.publish(subject, payload, key=key, headers=headers, msg_id=msg_id)
-        if not ack.duplicate:
+        ack = None
+        # A subject no stream captures is core only, as on NATS.
+        with contextlib.suppress(NoStreamForSubjectError):
+            ack = await self.engine.publish(subject, payload, key=key, headers=headers, msg_id=msg_id)
+        if (ack is None or not ack.duplicate) and self.bus.has_subscribers(subject):
             await self.bus.publish(Message(subject, payload, key=key, headers=headers, id=msg_id))
         return ack
 
