@@ -19,9 +19,13 @@ DeadLetterSink = Callable[[Message], Awaitable[None]]
 MAX_NACK_DELAY_S = 365 * 24 * 3600.0
 
 
-def check_fetch(max_messages: object, timeout: object) -> None:
+def check_fetch(max_messages: object, timeout: object, max_bytes: object = None) -> None:
     if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
         raise InvalidConfigError(f"max_messages must be a positive integer, not {max_messages!r}")
+    if max_bytes is not None and (
+        isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1
+    ):
+        raise InvalidConfigError(f"max_bytes must be a positive integer or None, not {max_bytes!r}")
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
         raise InvalidConfigError(f"timeout must be a non-negative number of seconds, not {timeout!r}")
 
@@ -70,7 +74,10 @@ class GroupBase:
             return False
         self._waiting += 1
         try:
-            await asyncio.wait_for(self._wakeup.wait(), remaining)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives in the same step as the wake-up, and a cancelled fetch must stop.
+            async with asyncio.timeout(remaining):
+                await self._wakeup.wait()
         except TimeoutError:
             return False
         finally:
@@ -91,17 +98,14 @@ class GroupBase:
         return failures
 
     async def _send_to_dead_letters(self, delivery: Delivery, failures: Failures) -> None:
+        await self._send_dead_letter(delivery.message, delivery.delivery_count, failures)
+
+    async def _send_dead_letter(self, message: Message, delivery_count: int, failures: Failures) -> None:
         if self._dead_letters is not None:
             await self._dead_letters(
-                dead_letter_message(
-                    delivery.message,
-                    self.name,
-                    delivery.delivery_count,
-                    failures,
-                    self._dead_letter_subject,
-                )
+                dead_letter_message(message, self.name, delivery_count, failures, self._dead_letter_subject)
             )
-        self._failures.pop((delivery.partition, delivery.offset), None)
+        self._failures.pop((message.partition, message.offset), None)  # type: ignore[arg-type]
 
     @staticmethod
     def _check_settle(delivery: Delivery, current_lease: int | None) -> None:

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import GroupHasMembersError, InvalidConfigError, MemberNotFoundError
+from ...errors import AlreadySettledError, GroupHasMembersError, InvalidConfigError, MemberNotFoundError
 from ..config import StartAt
 from ..stream import Stream
 from .base import DeadLetterSink, GroupBase, check_fetch, check_nack_delay
@@ -29,7 +29,7 @@ from .config import OrderedGroupConfig
 from .deadletter import Failures
 from .delivery import CancelSignal, Delivery
 from .lag import PartitionLag
-from .statelog import COMMIT, StateLog
+from .statelog import COMMIT, DELIVER, StateLog
 
 log = logging.getLogger("pigeon.engine")
 
@@ -47,11 +47,13 @@ class _PartitionState:
     __slots__ = (
         "batch",
         "committed",
+        "delivered_upto",
         "epoch",
         "owner",
         "paused_until",
         "position",
         "processed",
+        "redelivered",
         "settled_prefix",
     )
 
@@ -64,6 +66,20 @@ class _PartitionState:
         self.owner: OrderedMember | None = None
         self.epoch = 0  # bumped on every change of owner: fences stale settlements
         self.paused_until = 0.0
+        # Delivery counts: everything below delivered_upto was delivered at least once;
+        # redelivered holds the count of each offset delivered more than once (uncommitted).
+        self.delivered_upto = committed
+        self.redelivered: dict[int, int] = {}
+
+    def note_delivered(self, start: int, end: int) -> None:
+        """Offsets start..end-1 were (re)delivered: count them (also used when replaying the log)."""
+        for offset in range(start, min(end, self.delivered_upto)):
+            self.redelivered[offset] = self.redelivered.get(offset, 1) + 1
+        self.delivered_upto = max(self.delivered_upto, end)
+
+    def forget_below(self, offset: int) -> None:
+        if self.redelivered:
+            self.redelivered = {o: c for o, c in self.redelivered.items() if o >= offset}
 
 
 class OrderedGroup(GroupBase):
@@ -80,7 +96,6 @@ class OrderedGroup(GroupBase):
         self.config = config
         self._parts = [_PartitionState(offset) for offset in start_offsets]
         self._members: dict[str, OrderedMember] = {}
-        self._attempts: dict[tuple[int, int], int] = {}
         self._joined = 0
         self._coordinator: asyncio.Task[None] | None = None
         self._periodic: asyncio.Task[None] | None = None
@@ -89,13 +104,32 @@ class OrderedGroup(GroupBase):
 
     def restore(self, snapshot: dict[str, Any] | None, events: list[tuple[int, int, int, int]]) -> None:
         if snapshot is not None:
-            for st, committed in zip(self._parts, snapshot["committed"], strict=True):
-                st.committed = committed
-        for kind, p, offset, _ in events:
+            for st, saved in zip(self._parts, snapshot["partitions"], strict=True):
+                st.committed = saved["committed"]
+                st.delivered_upto = saved["delivered_upto"]
+                st.redelivered = {int(o): c for o, c in saved["redelivered"].items()}
+        for kind, p, offset, value in events:
+            st = self._parts[p]
             if kind == COMMIT:
-                self._parts[p].committed = offset
+                st.committed = offset
+                st.delivered_upto = max(st.delivered_upto, offset)
+            elif kind == DELIVER:
+                st.note_delivered(offset, offset + value)
         for st in self._parts:
             st.position = st.processed = st.committed
+            st.forget_below(st.committed)
+
+    def _snapshot_state(self) -> dict[str, Any]:
+        return {
+            "partitions": [
+                {
+                    "committed": st.committed,
+                    "delivered_upto": st.delivered_upto,
+                    "redelivered": st.redelivered,
+                }
+                for st in self._parts
+            ]
+        }
 
     async def _commit(self, partitions: list[int]) -> None:
         """Make the acknowledged progress of ``partitions`` durable."""
@@ -108,8 +142,7 @@ class OrderedGroup(GroupBase):
                 changed = True
         if changed:
             await self._state.flush()
-            if self._state.needs_snapshot:
-                await self._state.snapshot({"committed": [st.committed for st in self._parts]})
+            await self._state.maybe_snapshot(self._snapshot_state)
 
     async def reset_offsets(self, start: StartAt) -> None:
         """Move every partition's committed offset (only while the group has no members)."""
@@ -121,7 +154,8 @@ class OrderedGroup(GroupBase):
             )
         for p, st in enumerate(self._parts):
             st.committed = st.position = st.processed = self.stream.partitions[p].resolve(start)
-            self._attempts = {k: v for k, v in self._attempts.items() if k[0] != p}
+            st.delivered_upto = st.committed
+            st.redelivered = {}
             self._state.record(COMMIT, p, st.committed)
         await self._state.flush()
 
@@ -220,7 +254,7 @@ class OrderedGroup(GroupBase):
             for member in list(self._members.values()):
                 if now - member.last_heartbeat > config.session_timeout_s:
                     await self._remove(member, f"no heartbeat for {config.session_timeout_s}s")
-                elif now - member.last_poll > config.max_poll_interval_s:
+                elif not member.fetching and now - member.last_poll > config.max_poll_interval_s:
                     await self._remove(member, f"no poll for {config.max_poll_interval_s}s")
 
     async def _commit_periodically(self) -> None:
@@ -230,20 +264,30 @@ class OrderedGroup(GroupBase):
 
     # -- fetching ----------------------------------------------------------------------------------
 
-    async def _fetch(self, member: OrderedMember, max_messages: int, timeout: float) -> list[Delivery]:
-        check_fetch(max_messages, timeout)
+    async def _fetch(
+        self, member: OrderedMember, max_messages: int, timeout: float, max_bytes: int | None
+    ) -> list[Delivery]:
+        check_fetch(max_messages, timeout, max_bytes)
         deadline = time.monotonic() + timeout
-        while True:
-            self._check_member(member)
-            member.last_poll = time.monotonic()
-            out = self._collect(member, max_messages)
-            if out:
-                return out
-            paused = [self._parts[p].paused_until for p in member.partitions if self._parts[p].paused_until]
-            wake_at = min([deadline, *paused])
-            if not await self._wait(wake_at) and time.monotonic() >= deadline:
+        member.fetching = True  # a member waiting inside fetch is polling
+        try:
+            while True:
                 self._check_member(member)
-                return []
+                member.last_poll = time.monotonic()
+                out = self._collect(member, max_messages, max_bytes)
+                if out:
+                    await self._state.flush()  # the deliveries, for counts that survive a crash
+                    return out
+                paused = [
+                    self._parts[p].paused_until for p in member.partitions if self._parts[p].paused_until
+                ]
+                wake_at = min([deadline, *paused])
+                if not await self._wait(wake_at) and time.monotonic() >= deadline:
+                    self._check_member(member)
+                    return []
+        finally:
+            member.fetching = False
+            member.last_poll = time.monotonic()
 
     def _check_member(self, member: OrderedMember) -> None:
         self._check_open()
@@ -252,7 +296,7 @@ class OrderedGroup(GroupBase):
                 f"member {member.name!r} is no longer in group {self.name!r}: {member.removed}"
             )
 
-    def _collect(self, member: OrderedMember, max_messages: int) -> list[Delivery]:
+    def _collect(self, member: OrderedMember, max_messages: int, max_bytes: int | None) -> list[Delivery]:
         out: list[Delivery] = []
         now = time.monotonic()
         partitions = sorted(member.partitions)
@@ -263,23 +307,36 @@ class OrderedGroup(GroupBase):
             st = self._parts[p]
             if st.batch or st.paused_until > now or len(out) >= max_messages:
                 continue
-            messages = self.stream.partitions[p].fetch(st.position, max_messages - len(out))
+            if max_bytes is not None and out and max_bytes <= 0:
+                break
+            messages = self.stream.partitions[p].fetch(st.position, max_messages - len(out), max_bytes)
             if not messages:
                 continue
             cancelled = CancelSignal()
-            attempts = self._attempts
             epoch = st.epoch
             name = self.name
-            st.batch = [
-                Delivery(m, name, attempts.get((p, m.offset), 0) + 1, self, epoch, cancelled)  # type: ignore[arg-type]
-                for m in messages
-            ]
+            first: int = messages[0].offset  # type: ignore[assignment]
+            end: int = messages[-1].offset + 1  # type: ignore[operator]
+            if first >= st.delivered_upto:  # the usual case: all new, delivered once
+                st.batch = [Delivery(m, name, 1, self, epoch, cancelled) for m in messages]
+            else:
+                st.batch = [
+                    Delivery(m, name, self._count_for(st, m.offset), self, epoch, cancelled)  # type: ignore[arg-type]
+                    for m in messages
+                ]
+            st.note_delivered(first, end)
+            self._state.record(DELIVER, p, first, end - first)
             out += st.batch
-            first = messages[0].offset
-            if first is not None and first > st.processed:  # retention removed what lay between
+            if max_bytes is not None:
+                max_bytes -= sum(len(m.payload) for m in messages)
+            if first > st.processed:  # retention removed what lay between
                 st.processed = first
-            st.position = st.batch[-1].offset + 1
+            st.position = end
         return out
+
+    @staticmethod
+    def _count_for(st: _PartitionState, offset: int) -> int:
+        return st.redelivered.get(offset, 1) + 1 if offset < st.delivered_upto else 1
 
     # -- settling ----------------------------------------------------------------------------------
 
@@ -303,9 +360,7 @@ class OrderedGroup(GroupBase):
             return False
         if batch:
             st.processed = batch[-1].offset + 1
-            if self._attempts:
-                for delivery in batch:
-                    self._attempts.pop((delivery.partition, delivery.offset), None)
+            st.forget_below(st.processed)
             st.batch = []
             st.settled_prefix = 0
         return True
@@ -315,7 +370,7 @@ class OrderedGroup(GroupBase):
 
     async def _ack_batch(self, deliveries: list[Delivery]) -> None:
         touched: dict[int, _PartitionState] = {}
-        for delivery in deliveries:
+        for delivery in deliveries:  # all or nothing: check every one before settling any
             st = self._parts[delivery.partition]
             # The checks of _settle, inlined: this loop runs once per message.
             signal = delivery._cancelled
@@ -327,9 +382,14 @@ class OrderedGroup(GroupBase):
                 or not st.batch
                 or signal is not st.batch[0]._cancelled
             ):
-                self._settle(delivery)  # raises the precise error
-            delivery.settled = True
+                self._check_settle(
+                    delivery, st.epoch if st.batch and signal is st.batch[0]._cancelled else None
+                )
             touched[delivery.partition] = st
+        if len({id(d) for d in deliveries}) != len(deliveries):
+            raise AlreadySettledError("a delivery appears twice in the batch")
+        for delivery in deliveries:
+            delivery.settled = True
         if self._failures:
             for delivery in deliveries:
                 self._failures.pop((delivery.partition, delivery.offset), None)
@@ -352,7 +412,6 @@ class OrderedGroup(GroupBase):
         check_nack_delay(delay)
         st = self._settle(delivery)
         failures = self._note_failure(delivery, error)
-        self._attempts[(delivery.partition, delivery.offset)] = delivery.delivery_count
         max_deliver = self.config.max_deliver
         if max_deliver is not None and delivery.delivery_count >= max_deliver:
             await self._give_up(delivery, st, failures)
@@ -455,12 +514,16 @@ class OrderedMember:
         self.partitions: set[int] = set()
         self.rotation = 0
         self.removed = ""
+        self.fetching = False
         self.last_heartbeat = self.last_poll = time.monotonic()
         self._heartbeats: asyncio.Task[None] | None = None
 
-    async def fetch(self, max_messages: int = 100, timeout: float = 5.0) -> list[Delivery]:
-        """Long-poll the assigned partitions: in order, one outstanding batch per partition."""
-        return await self.group._fetch(self, max_messages, timeout)
+    async def fetch(
+        self, max_messages: int = 100, timeout: float = 5.0, *, max_bytes: int | None = None
+    ) -> list[Delivery]:
+        """Long-poll the assigned partitions: in order, one outstanding batch per partition
+        (and about ``max_bytes`` of payload, at least one message)."""
+        return await self.group._fetch(self, max_messages, timeout, max_bytes)
 
     async def __aiter__(self) -> AsyncIterator[Delivery]:
         while True:

@@ -41,6 +41,9 @@ class _Budget:
             return 0
         return self.max_messages - self.messages
 
+    def bytes_room(self) -> int:
+        return max(1, self.max_bytes - self.bytes)
+
     def take(self, delivery: Delivery) -> None:
         self.messages += 1
         self.bytes += len(delivery.message.payload)
@@ -82,7 +85,7 @@ async def consume(
     try:
         while not stop.is_set():
             await budget.wait_for_room()
-            fetch = asyncio.ensure_future(member.fetch(budget.room(), poll_s))
+            fetch = asyncio.ensure_future(member.fetch(budget.room(), poll_s, max_bytes=budget.bytes_room()))
             stopping = asyncio.ensure_future(stop.wait())
             await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
             stopping.cancel()
@@ -133,12 +136,11 @@ async def _run_in_order(batch: list[Delivery], handler: Handler, budget: _Budget
     assert task is not None
     cancelled = batch[0].cancelled  # one signal per batch: revocation or a rewind
     cancelled.add_callback(task.cancel)
-    done = 0
     try:
         for delivery in batch:
-            if cancelled.is_set() or not await _handle(delivery, handler):
-                break
-            done += 1
+            if cancelled.is_set():
+                break  # revoked, or rewound by a nack: the rest comes again, in order
+            await _handle(delivery, handler)
     except asyncio.CancelledError:
         if not cancelled.is_set():
             raise
@@ -148,8 +150,8 @@ async def _run_in_order(batch: list[Delivery], handler: Handler, budget: _Budget
             budget.give(delivery)
 
 
-async def _handle(delivery: Delivery, handler: Handler) -> bool:
-    """Run the handler and settle the delivery by its outcome; False when it failed."""
+async def _handle(delivery: Delivery, handler: Handler) -> None:
+    """Run the handler and settle the delivery by its outcome."""
     try:
         await handler(delivery)
     except asyncio.CancelledError:
@@ -158,11 +160,9 @@ async def _handle(delivery: Delivery, handler: Handler) -> bool:
         if not delivery.settled:
             with contextlib.suppress(PigeonError):
                 await delivery.nack(error=exc)
-        return False
+        return
     if not delivery.settled:
         try:
             await delivery.ack()
         except PigeonError as exc:  # lost the delivery meanwhile: it will be redelivered
             log.warning("could not ack %r: %s", delivery, exc)
-            return False
-    return True

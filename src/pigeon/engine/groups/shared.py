@@ -17,11 +17,12 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ...errors import MemberNotFoundError
+from ...errors import AlreadySettledError, MemberNotFoundError
 from ...message import Message
 from ..stream import Stream
 from .base import DeadLetterSink, GroupBase, check_fetch, check_nack_delay
 from .config import SharedGroupConfig
+from .deadletter import Failures
 from .delivery import Delivery
 from .lag import PartitionLag
 from .statelog import ACK, COMMIT, DELIVER, NACK, TERM, StateLog
@@ -80,8 +81,9 @@ class SharedGroup(GroupBase):
         self._parts = [_PartitionState(offset) for offset in start_offsets]
         self._leases: dict[tuple[int, int], Delivery] = {}  # leased now, by partition and offset
         self._ready: list[tuple[float, int, int]] = []  # (monotonic time, partition, offset)
-        # Every deadline is now + ack_wait, so leases expire in the order they were (re)armed.
-        self._expiry: deque[Delivery] = deque()
+        # (deadline, lease, partition, offset). Every deadline is now + ack_wait, so leases
+        # expire in the order they were (re)armed; tuples let settled deliveries be freed.
+        self._expiry: deque[tuple[float, int, int, int]] = deque()
         self._members: dict[str, SharedMember] = {}
         # key_ordered: the one message (partition, offset) that holds each key, and the
         # messages of held keys waiting behind it, in offset order
@@ -94,6 +96,8 @@ class SharedGroup(GroupBase):
         self._expiry_task: asyncio.Task[None] | None = None
         self._scan_start = 0
         self._unfinished = 0
+        self._exhausted: list[Message] = []  # delivered max_deliver times already: to bury
+        self._bytes_left: int | None = None
 
     # -- durable state -------------------------------------------------------------------------
 
@@ -138,8 +142,7 @@ class SharedGroup(GroupBase):
 
     async def _flush(self) -> None:
         await self._state.flush()
-        if self._state.needs_snapshot:
-            await self._state.snapshot(self._snapshot_state())
+        await self._state.maybe_snapshot(self._snapshot_state)
 
     # -- members and fetching --------------------------------------------------------------------
 
@@ -162,14 +165,18 @@ class SharedGroup(GroupBase):
     def _recount(self) -> None:
         self._unfinished = sum(len(st.counts) for st in self._parts)
 
-    async def _fetch(self, member: SharedMember, max_messages: int, timeout: float) -> list[Delivery]:
-        check_fetch(max_messages, timeout)
+    async def _fetch(
+        self, member: SharedMember, max_messages: int, timeout: float, max_bytes: int | None
+    ) -> list[Delivery]:
+        check_fetch(max_messages, timeout, max_bytes)
         deadline = time.monotonic() + timeout
         while True:
             self._check_open()
             if member.left:
                 raise MemberNotFoundError(f"member {member.name!r} left group {self.name!r}")
-            out = self._collect(member, max_messages)
+            out = self._collect(member, max_messages, max_bytes)
+            if self._exhausted:
+                await self._bury_exhausted()
             if out:
                 await self._flush()
                 return out
@@ -181,11 +188,12 @@ class SharedGroup(GroupBase):
         limit = self.config.max_member_pending
         return max_messages if limit is None else min(max_messages, limit - member.pending)
 
-    def _collect(self, member: SharedMember, max_messages: int) -> list[Delivery]:
+    def _collect(self, member: SharedMember, max_messages: int, max_bytes: int | None) -> list[Delivery]:
         out: list[Delivery] = []
         room = self._room(member, max_messages)
         if room <= 0:
             return out
+        self._bytes_left = max_bytes
         now = time.monotonic()
         ready = self._ready
         while ready and ready[0][0] <= now and len(out) < room:
@@ -197,15 +205,48 @@ class SharedGroup(GroupBase):
             if not found or found[0].offset != offset:
                 self._finish(p, offset, None, TERM)  # removed by retention meanwhile
                 continue
-            out.append(self._deliver(member, found[0], now))
+            self._offer(member, found[0], now, out)
         limit = self.config.max_ack_pending
-        while self._released and len(out) < room and self.ack_pending < limit:
-            out.append(self._deliver(member, self._released.popleft(), now))
+        while self._released and len(out) < room and self.ack_pending < limit and self._has_byte_room(out):
+            self._offer(member, self._released.popleft(), now, out)
         for p in self._partition_order():
-            if len(out) >= room or self.ack_pending >= limit:
+            if len(out) >= room or self.ack_pending >= limit or not self._has_byte_room(out):
                 break
             self._scan(member, p, room, out, now)
         return out
+
+    def _has_byte_room(self, out: list[Delivery]) -> bool:
+        return self._bytes_left is None or self._bytes_left > 0 or not out
+
+    def _offer(self, member: SharedMember, message: Message, now: float, out: list[Delivery]) -> None:
+        """Deliver ``message``, unless it was delivered max_deliver times already (then it is
+        buried: that happens after a restart or a member leaving mid-delivery)."""
+        assert message.partition is not None and message.offset is not None
+        max_deliver = self.config.max_deliver
+        if (
+            max_deliver is not None
+            and self._parts[message.partition].counts.get(message.offset, 0) >= max_deliver
+        ):
+            self._hold_key(message)
+            self._exhausted.append(message)
+            return
+        out.append(self._deliver(member, message, now))
+        if self._bytes_left is not None:
+            self._bytes_left -= len(message.payload)
+
+    async def _bury_exhausted(self) -> None:
+        exhausted, self._exhausted = self._exhausted, []
+        for message in exhausted:
+            assert message.partition is not None and message.offset is not None
+            p, offset = message.partition, message.offset
+            count = self._parts[p].counts.get(offset, 0)
+            failures = self._failures.get((p, offset)) or Failures()
+            if not failures.error_type:
+                failures.note(f"delivered {count} times (max_deliver) without an outcome", time.time())
+            if self.config.dead_letter:
+                await self._send_dead_letter(message, count, failures)
+            self._finish(p, offset, message, TERM)
+        await self._flush()
 
     def _partition_order(self) -> list[int]:
         # Start at a different partition each time so that one busy partition cannot starve others.
@@ -221,7 +262,7 @@ class SharedGroup(GroupBase):
         while len(out) < room and self.ack_pending < limit and st.cursor < partition.next_offset:
             if key_ordered and self._parked_count >= limit:
                 return
-            messages = partition.fetch(st.cursor, room - len(out))
+            messages = partition.fetch(st.cursor, room - len(out), self._bytes_left)
             if not messages:
                 st.skip_to(partition.next_offset)
                 self._recount()
@@ -231,7 +272,7 @@ class SharedGroup(GroupBase):
                 st.skip_to(messages[0].offset)
                 self._recount()
             for message in messages:
-                if len(out) >= room or self.ack_pending >= limit:
+                if len(out) >= room or self.ack_pending >= limit or not self._has_byte_room(out):
                     return
                 assert message.offset is not None
                 offset = message.offset
@@ -251,7 +292,7 @@ class SharedGroup(GroupBase):
                     self._hold_key(message)
                     heapq.heappush(self._ready, (now + (not_before - time.time_ns()) / 1e9, p, offset))
                     continue
-                out.append(self._deliver(member, message, now))
+                self._offer(member, message, now, out)
 
     def _hold_key(self, message: Message) -> None:
         if self.config.key_ordered and message.key is not None:
@@ -272,7 +313,7 @@ class SharedGroup(GroupBase):
         delivery.holder = member
         delivery.deadline = now + self.config.ack_wait_s
         self._leases[(p, offset)] = delivery
-        self._expiry.append(delivery)
+        self._expiry.append((delivery.deadline, delivery.lease, p, offset))
         member.pending += 1
         self._state.record(DELIVER, p, offset)
         if self._expiry_task is None:
@@ -315,6 +356,13 @@ class SharedGroup(GroupBase):
         await self._flush()
 
     async def _ack_batch(self, deliveries: list[Delivery]) -> None:
+        seen = set()
+        for delivery in deliveries:  # all or nothing: check every one before settling any
+            leased = self._leases.get((delivery.partition, delivery.offset))
+            self._check_settle(delivery, None if leased is None else leased.lease)
+            if id(delivery) in seen:
+                raise AlreadySettledError(f"{delivery!r} appears twice in the batch")
+            seen.add(id(delivery))
         for delivery in deliveries:
             self._take_lease(delivery)
             self._finish(delivery.partition, delivery.offset, delivery.message, ACK)
@@ -338,7 +386,7 @@ class SharedGroup(GroupBase):
         leased = self._leases.get((delivery.partition, delivery.offset))
         self._check_settle(delivery, None if leased is None else leased.lease)
         delivery.deadline = time.monotonic() + self.config.ack_wait_s
-        self._expiry.append(delivery)
+        self._expiry.append((delivery.deadline, delivery.lease, delivery.partition, delivery.offset))
 
     async def _failed(
         self, delivery: Delivery, error: BaseException | str | None, delay: float | None
@@ -366,11 +414,16 @@ class SharedGroup(GroupBase):
         while not self._closed:
             now = time.monotonic()
             expired = []
-            while self._expiry and self._expiry[0].deadline <= now:
-                delivery = self._expiry.popleft()
-                # Skip leases settled meanwhile; an extended one is queued again further on.
-                key = (delivery.partition, delivery.offset)
-                if self._leases.get(key) is delivery and delivery.deadline <= now:
+            while self._expiry and self._expiry[0][0] <= now:
+                _, lease, p, offset = self._expiry.popleft()
+                # Skip leases settled or re-leased meanwhile; an extended one is queued again.
+                delivery = self._leases.get((p, offset))
+                if (
+                    delivery is not None
+                    and delivery.lease == lease
+                    and delivery.deadline <= now
+                    and delivery not in expired
+                ):
                     expired.append(delivery)
             for delivery in expired:
                 del self._leases[(delivery.partition, delivery.offset)]
@@ -381,19 +434,20 @@ class SharedGroup(GroupBase):
                 )
             if expired:
                 await self._flush()
-            next_deadline = self._expiry[0].deadline - now if self._expiry else _EXPIRY_TICK_S
+            next_deadline = self._expiry[0][0] - now if self._expiry else _EXPIRY_TICK_S
             await asyncio.sleep(max(0.001, min(_EXPIRY_TICK_S, next_deadline)))
 
     async def _release_member(self, member: SharedMember) -> None:
-        """A member left: its leased messages are redelivered at once, not counted as failures."""
+        """A member left: its leased messages are redelivered at once (max_deliver still holds)."""
         member.left = True
         for key, delivery in list(self._leases.items()):
             if delivery.holder is member:
                 del self._leases[key]
                 delivery.cancelled.set()
-                heapq.heappush(self._ready, (time.monotonic(), *key))
+                await self._failed(delivery, f"member {member.name!r} left", 0.0)
         member.pending = 0
         self._members.pop(member.name, None)
+        await self._flush()
         self._wake()
 
     # -- observing ---------------------------------------------------------------------------------
@@ -441,9 +495,12 @@ class SharedMember:
         self.pending = 0
         self.left = False
 
-    async def fetch(self, max_messages: int = 100, timeout: float = 5.0) -> list[Delivery]:
-        """Long-poll: up to ``max_messages`` deliveries as soon as any exist, or [] after ``timeout``."""
-        return await self.group._fetch(self, max_messages, timeout)
+    async def fetch(
+        self, max_messages: int = 100, timeout: float = 5.0, *, max_bytes: int | None = None
+    ) -> list[Delivery]:
+        """Long-poll: up to ``max_messages`` deliveries (and about ``max_bytes`` of payload, at
+        least one message) as soon as any exist, or [] after ``timeout``."""
+        return await self.group._fetch(self, max_messages, timeout, max_bytes)
 
     async def __aiter__(self) -> AsyncIterator[Delivery]:
         while True:

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ class StateLog:
         self.directory = directory
         self._partition = partition
         self._pending: list[bytes] = []
+        self._snapshotting = False
         self._events_since_snapshot = 0
 
     @classmethod
@@ -82,6 +82,19 @@ class StateLog:
         """Queue an event; the next `flush` writes it together with the others queued."""
         self._pending.append(EVENT.pack(kind, partition, offset, value))
 
+    def _write_pending(self) -> int:
+        """Write queued events as one record (synchronously); returns its write sequence."""
+        partition = self._partition
+        if not self._pending:
+            return partition.written
+        payload = b"".join(self._pending)
+        self._events_since_snapshot += len(self._pending)
+        self._pending.clear()
+        _, seq = partition.append(
+            encode_plain_records(_SUBJECT, [payload]), _SUBJECT, None, time.time_ns(), 0, True
+        )
+        return seq
+
     async def flush(self, *, sync: bool = False) -> None:
         """Write queued events as one record, then wait as the durability policy says.
 
@@ -89,41 +102,34 @@ class StateLog:
         settle that returns has reached the OS. ``sync`` forces an fsync whatever the policy
         (used when a group is created).
         """
-        partition = self._partition
-        if self._pending:
-            payload = b"".join(self._pending)
-            self._events_since_snapshot += len(self._pending)
-            self._pending.clear()
-            _, seq = partition.append(
-                encode_plain_records(_SUBJECT, [payload]), _SUBJECT, None, time.time_ns(), 0, True
+        seq = self._write_pending()
+        if sync or self._partition.config.durability == "always":
+            await self._partition.wait_durable(seq)
+
+    async def maybe_snapshot(self, capture: Callable[[], dict[str, Any]]) -> None:
+        """When the log has grown, save the state ``capture`` returns and drop the covered log.
+
+        The state, and the log position it covers, are taken in one step with no await in
+        between, so no settle can fall between them; one snapshot runs at a time.
+        """
+        if self._events_since_snapshot < _COMPACT_EVERY or self._snapshotting:
+            return
+        self._snapshotting = True
+        try:
+            self._write_pending()
+            offset = self._partition.next_offset
+            data = json.dumps({"offset": offset, "state": capture()}, separators=(",", ":")).encode()
+            self._events_since_snapshot = 0
+            await asyncio.get_running_loop().run_in_executor(
+                None, write_atomically, self.directory / SNAPSHOT_FILE, data
             )
-        else:
-            seq = partition.written
-        if sync or partition.config.durability == "always":
-            await partition.wait_durable(seq)
-
-    @property
-    def needs_snapshot(self) -> bool:
-        return self._events_since_snapshot >= _COMPACT_EVERY
-
-    async def snapshot(self, state: dict[str, Any]) -> None:
-        """Save ``state`` as covering every event written so far, then drop the covered log."""
-        await self.flush()
-        offset = self._partition.next_offset
-        self._events_since_snapshot = 0
-        data = json.dumps({"offset": offset, "state": state}, separators=(",", ":")).encode()
-        await asyncio.get_running_loop().run_in_executor(
-            None, write_atomically, self.directory / SNAPSHOT_FILE, data
-        )
-        self._partition.roll()
-        partition = self._partition
-        while len(partition.segments) > 1 and partition.segments[0].next_offset <= offset:
-            partition.remove_oldest()
+            partition = self._partition
+            partition.roll()
+            while len(partition.segments) > 1 and partition.segments[0].next_offset <= offset:
+                partition.remove_oldest()
+        finally:
+            self._snapshotting = False
 
     async def close(self) -> None:
         await self.flush()
         await self._partition.close()
-
-
-def remove_state(directory: Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)
