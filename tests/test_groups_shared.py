@@ -38,6 +38,7 @@ from pigeon.errors import (
     InvalidNameError,
     MemberNotFoundError,
     StreamNotFoundError,
+    SubjectOverlapError,
 )
 from pigeon.message import Headers
 
@@ -1057,3 +1058,15 @@ async def test_delete_group_removes_it_and_its_progress(engine: Engine) -> None:
         engine.group(STREAM, "workers")
     fresh = await engine.shared_group(STREAM, fast())
     assert sorted(payloads(await fetch_n(fresh.member(), 2))) == [0, 1], "a new group starts afresh"
+
+
+async def test_a_dead_letter_subject_the_engine_refuses_fails_the_group_creation(engine: Engine) -> None:
+    """A stream capturing '>' would also capture the dead-letter subject: refuse the group up
+    front rather than strand its first failed message."""
+    await engine.create_stream(StreamConfig("everything", (">",)))
+    with pytest.raises(SubjectOverlapError, match=r"\$DLQ\.everything\.g"):
+        await engine.shared_group("everything", SharedGroupConfig("g"))
+    assert engine.groups("everything") == []
+    group = await engine.shared_group("everything", SharedGroupConfig("g", dead_letter=False))
+    assert engine.groups("everything") == ["g"]
+    assert group.config.dead_letter is False

@@ -125,7 +125,8 @@ class Stream:
         self._id_ms = -1
         self._id_next = 0
         self._last_yield_ns = 0
-        self._yield_every_ns = config.fsync_interval_ms * 1_000_000
+        # Half the interval: an fsync round takes two turns of the loop (start, then finish).
+        self._yield_every_ns = config.fsync_interval_ms * 500_000
 
     @classmethod
     def open(cls, config: StreamConfig, directory: Path, max_message_bytes: int) -> Stream:

@@ -64,7 +64,9 @@ class Groups:
                 )
             return existing
         if config.dead_letter:
-            dead_letter_stream(stream.config, config.name)  # fail early on an impossible name
+            # Created now, not at the first failure: a name or subject the engine refuses (say,
+            # a stream capturing '>') fails the group's creation instead of stranding a message.
+            await self._ensure_stream(dead_letter_stream(stream.config, config.name))
         return await self._open(stream, config, new=True)
 
     async def _open(
