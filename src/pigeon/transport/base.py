@@ -209,6 +209,8 @@ class Transport(ABC):
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
+    # One line per emulated capability: how pigeon provides it on this engine.
+    emulation_notes: ClassVar[dict[str, str]] = {}
 
     def require(self, capability: str, alternative: str) -> None:
         """Refuse, clearly, what this transport cannot do."""

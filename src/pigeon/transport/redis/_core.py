@@ -33,6 +33,7 @@ log = logging.getLogger("pigeon.transport.redis")
 # How often queue-group members re-register: a publisher drops a registration whose channel
 # had no listener (its member's connection was down), and this puts it back.
 _QUEUE_REFRESH_S = 5.0
+_CONFIRM_TIMEOUT_S = 10.0
 
 
 class RedisSubscription(Subscription):
@@ -162,7 +163,12 @@ class Core:
                 future.set_result(None)
         if listener is not None:
             listeners.append(listener)
-        await asyncio.shield(future)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), _CONFIRM_TIMEOUT_S)
+        except TimeoutError:
+            raise TransportClosedError(
+                f"redis did not confirm the subscription to {name.decode()!r} within {_CONFIRM_TIMEOUT_S}s"
+            ) from None
 
     async def remove(self, subscription: RedisSubscription) -> None:
         if self._closed:
@@ -260,10 +266,12 @@ class Core:
         """A fresh reply subject and the future its first message resolves."""
         self._check_open()
         if self._inbox is None:
-            inbox = _Inbox(f"_INBOX.{uuid.uuid4().hex}.")
             async with self._lock:
-                await self._add("psubscribe", self.keys.glob(inbox.subject_prefix + "*").encode(), inbox)
-            self._inbox = inbox
+                if self._inbox is None:
+                    inbox = _Inbox(f"_INBOX.{uuid.uuid4().hex}.")
+                    await self._add("psubscribe", self.keys.glob(inbox.subject_prefix + "*").encode(), inbox)
+                    self._inbox = inbox
+        assert self._inbox is not None
         subject = f"{self._inbox.subject_prefix}{next(self._inbox.counter)}"
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._inbox.waiting[subject] = future

@@ -23,7 +23,9 @@ class RedisOptions:
     ``heartbeat_interval_s``; a member silent for ``session_timeout_s`` loses them.
     ``exact_trim`` makes ``max_msgs``/``max_age_s`` retention exact (``MAXLEN =``), at some
     cost; by default Redis trims whole internal nodes (``MAXLEN ~``). Core subscriptions buffer
-    ``subscription_buffer`` messages each, then drop the oldest (counted and logged).
+    ``subscription_buffer`` messages each, then drop the oldest (counted and logged). A member
+    waiting in `fetch` holds a pooled connection while it blocks (up to ``claim_interval_s``),
+    so ``max_connections`` (None: unbounded) must exceed the number of members fetching at once.
     """
 
     prefix: str = "pigeon"

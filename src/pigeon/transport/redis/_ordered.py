@@ -139,7 +139,9 @@ class OrderedMember(RedisMember):
     async def _release(self, p: int) -> None:
         batch = self.batches.get(p)
         if batch is not None:
-            await self._commit(batch, batch.settled_prefix(), final=False)
+            # Lost the lock already? Then the next owner re-reads the batch: nothing to commit.
+            with contextlib.suppress(DeliveryNotOwnedError):
+                await self._commit(batch, batch.settled_prefix(), final=False)
         self._drop_batch(p)
         self.owned.discard(p)
         self.paused.discard(p)

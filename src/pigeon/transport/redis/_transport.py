@@ -8,7 +8,6 @@ import json
 import math
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -23,17 +22,14 @@ from ...errors import (
     GroupExistsError,
     GroupNotFoundError,
     InvalidConfigError,
-    InvalidNameError,
     NoRespondersError,
     RequestTimeoutError,
-    StreamExistsError,
     StreamNotFoundError,
-    SubjectOverlapError,
     TransportClosedError,
     UnsupportedFeatureError,
 )
 from ...message import Message, new_id
-from ...subjects import SubjectIndex, patterns_overlap, validate_subject
+from ...subjects import SubjectIndex, validate_subject
 from ..base import (
     Capabilities,
     Consumer,
@@ -50,6 +46,20 @@ from ._groups import GroupContext, RedisMember, SharedMember
 from ._lua import SCRIPTS
 from ._options import Keys, RedisOptions
 from ._ordered import OrderedMember
+from ._registry import (
+    MAX_SEQ,
+    StreamRecord,
+    check_create,
+    check_limits,
+    cmd,
+    dead_letter_name,
+    id_before,
+    id_number,
+    id_text,
+    offset_of,
+    parse_registry,
+    spec_record,
+)
 
 CAPABILITIES = Capabilities(
     durable=True,
@@ -89,73 +99,36 @@ CAPABILITIES = Capabilities(
     ),
 )
 
-_MAX_SEQ = 18446744073709551615  # the largest sequence part of a Redis stream id
-
-
-async def _cmd(target: Any, *args: Any) -> Any:
-    """A raw Redis command (redis-py's ``execute_command`` carries no type annotations)."""
-    return await target.execute_command(*args)
-
-
-@dataclass(frozen=True)
-class _Stream:
-    """A stream as the registry describes it, with the script arguments derived from it."""
-
-    name: str
-    subjects: tuple[str, ...]
-    partitions: int
-    max_age_s: float | None
-    max_msgs: int | None
-    dedup_window_s: float
-
-    @classmethod
-    def from_record(cls, name: str, record: bytes | str) -> _Stream:
-        data = json.loads(record)
-        return cls(
-            name,
-            tuple(data["subjects"]),
-            int(data["partitions"]),
-            data.get("max_age_s"),
-            data.get("max_msgs"),
-            float(data.get("dedup_window_s", 120.0)),
-        )
-
-    @classmethod
-    def from_spec(cls, spec: StreamSpec) -> _Stream:
-        return cls(
-            spec.name, spec.subjects, spec.partitions, spec.max_age_s, spec.max_msgs, spec.dedup_window_s
-        )
-
-    def record(self) -> str:
-        return json.dumps(
-            {
-                "subjects": list(self.subjects),
-                "partitions": self.partitions,
-                "max_age_s": self.max_age_s,
-                "max_msgs": self.max_msgs,
-                "dedup_window_s": self.dedup_window_s,
-            }
-        )
-
-    @property
-    def maxlen_arg(self) -> str:
-        # max_msgs bounds the whole stream; Redis trims each partition's stream on its own.
-        return "" if self.max_msgs is None else str(math.ceil(self.max_msgs / self.partitions))
-
-    @property
-    def max_age_arg(self) -> str:
-        return "" if self.max_age_s is None else str(max(1, int(self.max_age_s * 1000)))
-
-    @property
-    def dedup_arg(self) -> str:
-        return "" if self.dedup_window_s <= 0 else str(max(1, int(self.dedup_window_s * 1000)))
-
 
 class RedisTransport(Transport):
     """Pigeon on Redis 7 (see the package docstring for the design)."""
 
     name: ClassVar[str] = "redis"
     capabilities: ClassVar[Capabilities] = CAPABILITIES
+    emulation_notes: ClassVar[dict[str, str]] = {
+        "wildcards": "PSUBSCRIBE to a glob that may over-match (a glob `*` crosses dots); "
+        "pigeon filters with NATS matching",
+        "queue_groups": "each member listens on a channel of its own and registers in a hash; "
+        "the publish script sends to one live member of each matching group",
+        "request_reply": "one inbox pattern per transport (`_INBOX.<id>.*`); the reply subject "
+        "travels in the frame; PUBLISH's receiver count of 0 means no responders",
+        "partitions": "one Redis stream per partition, keys routed with murmur2; dense offsets "
+        "from a counter incremented in the same script as the XADD",
+        "ordered_groups": "partition locks (SET NX PX, renewed by heartbeats) over a shared list "
+        "of live members; one batch per partition; commit = XACK under the lock",
+        "per_key_order": "through ordered groups (key-ordered shared groups are refused)",
+        "delayed_nack": "the entry leaves the PEL for a zset of due times; a fetch claims it "
+        "back (XCLAIM FORCE RETRYCOUNT) once due",
+        "ack_timeout": "the PEL idle time is the lease; fetches take expired ones with XAUTOCLAIM "
+        "(min idle = ack_wait), idle members every claim_interval_s",
+        "max_deliver": "the PEL delivery counter, checked by pigeon on nack and on reclaim",
+        "dead_letters": "pigeon publishes dead_letter_message to `<stream>-<group>-dlq`, then acks",
+        "dedup": "SET NX PX (the dedup window) holding the original position, in the same Lua "
+        "script as the XADD",
+        "replay_offset": "a binary search over entry ids for the stored offset field",
+        "lag": "computed from the offset counter, XINFO GROUPS' last-delivered id, the PEL and the "
+        "delayed zset",
+    }
 
     def __init__(self, client: redis.asyncio.Redis, url: str, options: RedisOptions) -> None:
         self.client = client
@@ -164,7 +137,7 @@ class RedisTransport(Transport):
         self.keys = Keys(options.prefix)
         self.scripts = {name: client.register_script(text) for name, text in SCRIPTS.items()}
         self.core = Core(client, self.keys, options.subscription_buffer)
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, StreamRecord] = {}
         self._routes: SubjectIndex[str] = SubjectIndex()
         self._version = b"0"
         self._turns: dict[str, int] = {}
@@ -221,22 +194,20 @@ class RedisTransport(Transport):
             pipe.get(self.keys.version)
             pipe.hgetall(self.keys.registry)
             version, records = await pipe.execute()
-        streams = {
-            name.decode(): _Stream.from_record(name.decode(), record) for name, record in records.items()
-        }
+        streams = parse_registry(records)
         routes: SubjectIndex[str] = SubjectIndex()
         for stream in streams.values():
             for pattern in stream.subjects:
                 routes.add(pattern, stream.name)
         self._streams, self._routes, self._version = streams, routes, version or b"0"
 
-    async def _stream(self, name: str) -> _Stream:
+    async def _stream(self, name: str) -> StreamRecord:
         """The registry's current record of stream ``name`` (read from Redis, not the cache)."""
         validate_name(name)
-        record = await _cmd(self.client, "HGET", self.keys.registry, name)
+        record = await cmd(self.client, "HGET", self.keys.registry, name)
         if record is None:
             raise StreamNotFoundError(f"no stream named {name!r}")
-        return _Stream.from_record(name, record)
+        return StreamRecord.from_record(name, record)
 
     async def create_stream(self, spec: StreamSpec) -> None:
         self._check_open()
@@ -248,15 +219,14 @@ class RedisTransport(Transport):
                 "max_bytes retention",
                 "Redis streams are trimmed by count or by age: use max_msgs or max_age_s",
             )
-        _check_limits(spec)
-        wanted = _Stream.from_spec(spec)
+        check_limits(spec)
+        wanted = StreamRecord.from_spec(spec)
         async with self.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     await pipe.watch(self.keys.registry)
-                    records = await _cmd(pipe, "HGETALL", self.keys.registry)
-                    existing = {n.decode(): _Stream.from_record(n.decode(), r) for n, r in records.items()}
-                    if _check_create(wanted, existing):
+                    records = await cmd(pipe, "HGETALL", self.keys.registry)
+                    if check_create(wanted, parse_registry(records)):
                         await pipe.unwatch()  # type: ignore[no-untyped-call]
                         break
                     pipe.multi()  # type: ignore[no-untyped-call]
@@ -272,7 +242,7 @@ class RedisTransport(Transport):
         """Delete the stream, its groups, and their dead-letter streams."""
         self._check_open()
         stream = await self._stream(name)
-        groups = [g.decode() for g in await _cmd(self.client, "HKEYS", self.keys.groups(name))]
+        groups = [g.decode() for g in await cmd(self.client, "HKEYS", self.keys.groups(name))]
         async with self.client.pipeline(transaction=True) as pipe:
             # Publishers see the new version at once and stop routing here.
             pipe.hdel(self.keys.registry, name)
@@ -386,7 +356,7 @@ class RedisTransport(Transport):
             await self._load_registry()  # a stream was created or deleted meanwhile
 
     @staticmethod
-    def _ack(stream: _Stream | None, result: Sequence[Any]) -> PubAck | None:
+    def _ack(stream: StreamRecord | None, result: Sequence[Any]) -> PubAck | None:
         if stream is None:
             return None
         return PubAck(stream.name, int(result[1]), int(result[2]), int(result[0]) == 1)
@@ -401,7 +371,7 @@ class RedisTransport(Transport):
         reply_to: str | None,
         *,
         core: bool,
-    ) -> tuple[list[str], list[Any], _Stream | None]:
+    ) -> tuple[list[str], list[Any], StreamRecord | None]:
         """The publish script's keys and arguments, routed with the cached registry."""
         keys = self.keys
         found = self._routes.match(subject)
@@ -496,11 +466,11 @@ class RedisTransport(Transport):
         validate_name(member, "member")
         info = await self._stream(stream)
         if spec.dead_letter:
-            _dead_letter_name(stream, spec.group)
-        record = json.dumps(_spec_record(spec), sort_keys=True)
+            dead_letter_name(stream, spec.group)
+        record = json.dumps(spec_record(spec), sort_keys=True)
         groups_key = self.keys.groups(stream)
         if not await self.client.hsetnx(groups_key, spec.group, record):
-            existing = await _cmd(self.client, "HGET", groups_key, spec.group)
+            existing = await cmd(self.client, "HGET", groups_key, spec.group)
             if existing is not None and json.loads(existing) != json.loads(record):
                 raise GroupExistsError(
                     f"group {spec.group!r} on stream {stream!r} exists with a different configuration"
@@ -529,13 +499,13 @@ class RedisTransport(Transport):
         self._members.add(consumer)
         return consumer
 
-    async def _create_redis_groups(self, stream: _Stream, spec: ConsumerSpec) -> None:
+    async def _create_redis_groups(self, stream: StreamRecord, spec: ConsumerSpec) -> None:
         """One Redis group per partition, at the group's start (an existing one is kept)."""
         for p in range(stream.partitions):
             key = self.keys.partition(stream.name, p)
             start = await self._start_id(key, spec.start)
             try:
-                await _cmd(self.client, "XGROUP", "CREATE", key, spec.group, start, "MKSTREAM")
+                await cmd(self.client, "XGROUP", "CREATE", key, spec.group, start, "MKSTREAM")
             except redis.exceptions.ResponseError as error:
                 if "BUSYGROUP" not in str(error):
                     raise
@@ -547,38 +517,42 @@ class RedisTransport(Transport):
         if start.kind == "latest":
             return "$"
         if start.kind == "time":
-            return _id_before(math.ceil(start.value * 1000), 0)
+            return id_before(math.ceil(start.value * 1000), 0)
         if start.kind == "offset":
-            return await self._id_before_offset(key, int(start.value))
+            return await self.id_before_offset(key, int(start.value))
         raise InvalidConfigError(f"unknown start {start!r}")
 
-    async def _id_before_offset(self, key: str, offset: int) -> str:
+    async def id_before_offset(self, key: str, offset: int) -> str:
         """Binary search over entry ids for the first entry at ``offset`` or later.
 
         Offsets grow with ids, so the search needs only XRANGE ... COUNT 1 probes.
         """
-        first = await _cmd(self.client, "XRANGE", key, "-", "+", "COUNT", 1)
-        if not first or _offset_of(first[0]) >= offset:
+        first = await cmd(self.client, "XRANGE", key, "-", "+", "COUNT", 1)
+        if not first or offset_of(first[0]) >= offset:
             return "0" if first else "$"
-        last = await _cmd(self.client, "XREVRANGE", key, "+", "-", "COUNT", 1)
-        if _offset_of(last[0]) < offset:
+        last = await cmd(self.client, "XREVRANGE", key, "+", "-", "COUNT", 1)
+        if offset_of(last[0]) < offset:
             return "$"
-        low, high = _id_number(first[0][0]), _id_number(last[0][0])
-        while low < high:
+        # The answer is the smallest id with an offset >= ``offset``; ``best`` is the smallest
+        # such id seen, and ids in [low, high] are the ones not ruled out yet.
+        best = id_number(last[0][0])
+        low, high = id_number(first[0][0]), best - 1
+        while low <= high:
             middle = (low + high) // 2
-            probe = await _cmd(self.client, "XRANGE", key, _id_text(middle), "+", "COUNT", 1)
-            found = _id_number(probe[0][0])
-            if _offset_of(probe[0]) >= offset:
-                high = found
+            probe = await cmd(self.client, "XRANGE", key, id_text(middle), "+", "COUNT", 1)
+            found = id_number(probe[0][0])
+            if offset_of(probe[0]) >= offset:
+                best = min(best, found)
+                high = middle - 1
             else:
                 low = found + 1
-        return _id_before(high >> 64, high & _MAX_SEQ)
+        return id_before(best >> 64, best & MAX_SEQ)
 
     async def delete_group(self, stream: str, group: str) -> None:
         self._check_open()
         info = await self._stream(stream)
         validate_name(group, "group")
-        if not await _cmd(self.client, "HEXISTS", self.keys.groups(stream), group):
+        if not await cmd(self.client, "HEXISTS", self.keys.groups(stream), group):
             raise GroupNotFoundError(f"no group named {group!r} on stream {stream!r}")
         async with self.client.pipeline(transaction=True) as pipe:
             for p in range(info.partitions):
@@ -591,7 +565,7 @@ class RedisTransport(Transport):
         self._check_open()
         info = await self._stream(stream)
         validate_name(group, "group")
-        if not await _cmd(self.client, "HEXISTS", self.keys.groups(stream), group):
+        if not await cmd(self.client, "HEXISTS", self.keys.groups(stream), group):
             raise GroupNotFoundError(f"no group named {group!r} on stream {stream!r}")
         keys = [self.keys.meta(stream), self.keys.delayed(stream, group)]
         for p in range(info.partitions):
@@ -620,7 +594,7 @@ class RedisTransport(Transport):
     async def _dead_letter(
         self, stream: str, group: str, original: Message, count: int, failures: Failures
     ) -> None:
-        name = _dead_letter_name(stream, group)
+        name = dead_letter_name(stream, group)
         subject = dead_letter_subject(stream, group)
         if name not in self._streams:
             # Created on first use; create it beforehand to give it its own retention.
@@ -634,7 +608,7 @@ class RedisTransport(Transport):
         validate_name(group, "group")
         if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
             raise InvalidConfigError(f"max_messages must be a positive integer, not {max_messages!r}")
-        name = _dead_letter_name(stream, group)
+        name = dead_letter_name(stream, group)
         try:
             dead_letters = await self._stream(name)
         except StreamNotFoundError:
@@ -642,96 +616,7 @@ class RedisTransport(Transport):
         out: list[Message] = []
         for p in range(dead_letters.partitions):
             key = self.keys.partition(name, p)
-            for entry_id, fields in await _cmd(self.client, "XRANGE", key, "-", "+", "COUNT", max_messages):
+            for entry_id, fields in await cmd(self.client, "XRANGE", key, "-", "+", "COUNT", max_messages):
                 out.append(entry_message(name, p, entry_id, fields))
         out.sort(key=lambda m: m.timestamp)
         return out[:max_messages]
-
-
-def _check_limits(spec: StreamSpec) -> None:
-    if spec.max_msgs is not None and (
-        isinstance(spec.max_msgs, bool) or not isinstance(spec.max_msgs, int) or spec.max_msgs < 1
-    ):
-        raise InvalidConfigError(f"stream {spec.name!r}: max_msgs must be a positive integer")
-    for name in ("max_age_s", "dedup_window_s"):
-        value = getattr(spec, name)
-        if value is None and name == "max_age_s":
-            continue
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or value < 0
-            or (name == "max_age_s" and value == 0)
-        ):
-            raise InvalidConfigError(f"stream {spec.name!r}: {name} must be a positive number, not {value!r}")
-
-
-def _check_create(wanted: _Stream, existing: dict[str, _Stream]) -> bool:
-    """True when the stream exists already the same way; raises when it cannot be created."""
-    current = existing.get(wanted.name)
-    if current is not None:
-        if current.subjects != wanted.subjects or current.partitions != wanted.partitions:
-            raise StreamExistsError(
-                f"stream {wanted.name!r} exists with subjects {list(current.subjects)} and "
-                f"{current.partitions} partitions"
-            )
-        return True
-    for other in existing.values():
-        for mine in wanted.subjects:
-            for theirs in other.subjects:
-                if patterns_overlap(mine, theirs):
-                    raise SubjectOverlapError(
-                        f"stream {wanted.name!r} subject {mine!r} overlaps {theirs!r} "
-                        f"of stream {other.name!r}"
-                    )
-    return False
-
-
-def _dead_letter_name(stream: str, group: str) -> str:
-    name = f"{stream}-{group}-dlq"
-    try:
-        return validate_name(name)
-    except InvalidNameError:
-        raise InvalidNameError(
-            f"group {group!r} on stream {stream!r}: the dead-letter stream name {name!r} would "
-            "exceed 64 characters; use shorter names or dead_letter=False"
-        ) from None
-
-
-def _spec_record(spec: ConsumerSpec) -> dict[str, Any]:
-    backoff = spec.backoff
-    return {
-        "kind": spec.kind,
-        "start": [spec.start.kind, spec.start.value],
-        "ack_wait_s": spec.ack_wait_s,
-        "max_deliver": spec.max_deliver,
-        "backoff": None
-        if backoff is None
-        else {k: getattr(backoff, k) for k in backoff.__dataclass_fields__},
-        "max_ack_pending": spec.max_ack_pending,
-        "dead_letter": spec.dead_letter,
-    }
-
-
-def _offset_of(entry: Sequence[Any]) -> int:
-    fields = entry[1]
-    if isinstance(fields, Mapping):
-        return int(fields[b"o"])
-    return int(fields[fields.index(b"o") + 1])
-
-
-def _id_number(entry_id: bytes) -> int:
-    ms, seq = entry_id.split(b"-")
-    return int(ms) << 64 | int(seq)
-
-
-def _id_text(number: int) -> str:
-    return f"{number >> 64}-{number & _MAX_SEQ}"
-
-
-def _id_before(ms: int, seq: int) -> str:
-    if seq > 0:
-        return f"{ms}-{seq - 1}"
-    if ms > 0:
-        return f"{ms - 1}-{_MAX_SEQ}"
-    return "0"
