@@ -1,0 +1,177 @@
+"""Messages on the wire: headers, keys and ids as NATS headers, JetStream delivery metadata, errors."""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Mapping
+from typing import NamedTuple
+
+from nats.js.errors import APIError
+
+from ...errors import (
+    GroupNotFoundError,
+    InvalidMessageError,
+    MessageTooLargeError,
+    PigeonError,
+    StreamExistsError,
+    StreamFullError,
+    StreamNotFoundError,
+    SubjectOverlapError,
+)
+from ...message import Headers, Message
+
+NATS_MSG_ID = "Nats-Msg-Id"
+KEY_HEADER = "Pigeon-Key"
+# Headers pigeon puts on the wire for itself; they become Message fields on receipt.
+_OWN_HEADERS = frozenset({NATS_MSG_ID, KEY_HEADER, Headers.MSG_ID})
+
+# NATS header names are RFC 7230 tokens; nats-py refuses anything else.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# nats-py trims header values and turns CR/LF into spaces. Values that would not survive
+# that travel base64-encoded behind this marker (as do values that start with it).
+_ENCODED = "=?b64?"
+
+
+def _wire_value(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidMessageError(f"{what} must be text, not {type(value).__name__}")
+    if value and (value != value.strip() or "\r" in value or "\n" in value or value.startswith(_ENCODED)):
+        try:
+            return _ENCODED + base64.b64encode(value.encode()).decode()
+        except UnicodeEncodeError:
+            raise InvalidMessageError(f"{what} is not valid text: {value!r}") from None
+    return value
+
+
+def _read_value(value: str) -> str:
+    if value.startswith(_ENCODED):
+        try:
+            return base64.b64decode(value[len(_ENCODED) :], validate=True).decode()
+        except ValueError:
+            return value  # not ours: someone else's value that merely looks encoded
+    return value
+
+
+def wire_headers(
+    headers: Mapping[str, str] | None, key: str | None, msg_id: str | None, generated_id: str | None
+) -> dict[str, str] | None:
+    """The NATS headers of a message; None when it has none (a plain NATS message)."""
+    if headers is None and key is None and msg_id is None and generated_id is None:
+        return None
+    out: dict[str, str] = {}
+    if headers:
+        if not isinstance(headers, Mapping):
+            raise InvalidMessageError(
+                f"headers must be a mapping of text to text, not {type(headers).__name__}"
+            )
+        for name, value in headers.items():
+            if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+                raise InvalidMessageError(
+                    f"header name {name!r} cannot travel on NATS: use letters, digits and !#$%&'*+-.^_`|~"
+                )
+            out[name] = _wire_value(value, f"header {name!r}")
+    if key is not None:
+        out[KEY_HEADER] = _wire_value(key, "message key")
+    if msg_id is not None:
+        if not isinstance(msg_id, str) or not msg_id:
+            raise InvalidMessageError(f"message id must be non-empty text, not {msg_id!r}")
+        out[NATS_MSG_ID] = _wire_value(msg_id, "message id")
+    elif generated_id is not None:
+        out[Headers.MSG_ID] = generated_id
+    return out
+
+
+def read_message(
+    subject: str,
+    payload: bytes,
+    headers: Mapping[str, str] | None,
+    *,
+    timestamp: float | None = None,
+    stream: str | None = None,
+    partition: int | None = None,
+    offset: int | None = None,
+) -> Message:
+    """A `Message` from what NATS delivered; pigeon's own headers become its key and id."""
+    key = msg_id = None
+    out: dict[str, str] | None = None
+    if headers:
+        out = {}
+        for name, value in headers.items():
+            if name in _OWN_HEADERS:
+                if name == KEY_HEADER:
+                    key = _read_value(value)
+                elif name == NATS_MSG_ID or msg_id is None:
+                    msg_id = _read_value(value)
+            else:
+                out[name] = _read_value(value)
+    return Message(
+        subject,
+        payload,
+        key=key,
+        headers=out,
+        id=msg_id,
+        timestamp=timestamp,
+        stream=stream,
+        partition=partition,
+        offset=offset,
+    )
+
+
+class Delivered(NamedTuple):
+    """What a JetStream delivery's reply subject (``$JS.ACK...``) tells."""
+
+    stream: str
+    delivered: int
+    stream_seq: int
+    timestamp: float
+
+
+def parse_ack_subject(reply: str) -> Delivered | None:
+    tokens = reply.split(".")
+    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+        base = 2
+    elif len(tokens) >= 11:  # with domain and account hash: $JS.ACK.<domain>.<hash>.<stream>...
+        base = 4
+    else:
+        return None
+    if tokens[0] != "$JS" or tokens[1] != "ACK":
+        return None
+    try:
+        return Delivered(
+            tokens[base],
+            int(tokens[base + 2]),
+            int(tokens[base + 3]),
+            int(tokens[base + 5]) / 1e9,
+        )
+    except ValueError:
+        return None
+
+
+# JetStream error codes pigeon turns into its own exceptions.
+STREAM_NOT_FOUND = 10059
+CONSUMER_NOT_FOUND = 10014
+STREAM_NAME_IN_USE = 10058
+SUBJECTS_OVERLAP = 10065
+SEALED = 10109
+_FULL = {10077, 10078, 10047, 10048}  # maximum messages / bytes exceeded, storage limits
+_TOO_LARGE = {10054}
+
+
+def api_error(error: APIError, what: str) -> PigeonError:
+    """The pigeon exception for a JetStream API error about ``what``."""
+    code = error.err_code
+    text = f"{what}: {error.description}"
+    if code == STREAM_NOT_FOUND:
+        return StreamNotFoundError(text)
+    if code == CONSUMER_NOT_FOUND:
+        return GroupNotFoundError(text)
+    if code == STREAM_NAME_IN_USE:
+        return StreamExistsError(text)
+    if code == SUBJECTS_OVERLAP:
+        return SubjectOverlapError(text)
+    if code in _FULL:
+        return StreamFullError(text)
+    if code in _TOO_LARGE:
+        return MessageTooLargeError(text)
+    return PigeonError(f"{text} (JetStream error {code})")
