@@ -19,6 +19,7 @@ from typing import Any
 
 from ...errors import AlreadySettledError, MemberNotFoundError
 from ...message import Message
+from ..partition import Partition
 from ..stream import Stream
 from .base import DeadLetterSink, GroupBase, check_fetch, check_nack_delay
 from .config import SharedGroupConfig
@@ -28,28 +29,44 @@ from .lag import PartitionLag
 from .statelog import ACK, COMMIT, DELIVER, NACK, TERM, StateLog
 
 _EXPIRY_TICK_S = 0.05
+# Reading the log decodes whole record batches: what a fetch decodes beyond its need (up to
+# this many messages, and this much payload) is kept for the next fetch instead of decoded again.
+_READ_AHEAD = 1000
+_READ_AHEAD_BYTES = 1 << 20
 
 
 class _PartitionState:
-    __slots__ = ("counts", "cursor", "done", "floor", "not_before")
+    __slots__ = ("ahead", "ahead_from", "counts", "cursor", "done", "floor", "leased", "not_before")
 
     def __init__(self, floor: int) -> None:
         self.floor = floor
         self.cursor = floor
         self.done: set[int] = set()
-        self.counts: dict[int, int] = {}  # delivered but not done -> deliveries so far
+        # Delivered but not done: leased now -> its delivery (whose delivery_count is the
+        # count), or else -> deliveries so far. An offset is in one of the two at most.
+        self.leased: dict[int, Delivery] = {}
+        self.counts: dict[int, int] = {}
         self.not_before: dict[int, int] = {}  # nacked with a delay -> wall-clock ns
+        # messages read ahead: what reading the log returns next, once the cursor is at
+        # ahead_from (just after the messages read with them)
+        self.ahead: list[Message] = []
+        self.ahead_from = -1
 
     def finish(self, offset: int) -> bool:
-        """Mark ``offset`` done; True when it had been delivered (it was unfinished)."""
+        """Mark ``offset`` (not leased) done; True when it had been delivered (it was unfinished)."""
         delivered = self.counts.pop(offset, None) is not None
-        self.not_before.pop(offset, None)
-        if offset == self.floor:
-            self.floor += 1
-            while self.floor in self.done:
-                self.done.remove(self.floor)
-                self.floor += 1
-        elif offset > self.floor:
+        if self.not_before:
+            self.not_before.pop(offset, None)
+        floor = self.floor
+        if offset == floor:
+            floor += 1
+            done = self.done
+            if done:
+                while floor in done:
+                    done.remove(floor)
+                    floor += 1
+            self.floor = floor
+        elif offset > floor:
             self.done.add(offset)
         return delivered
 
@@ -79,10 +96,11 @@ class SharedGroup(GroupBase):
         super().__init__(stream, config, state, dead_letters, dead_letter_subject)
         self.config = config
         self._parts = [_PartitionState(offset) for offset in start_offsets]
-        self._leases: dict[tuple[int, int], Delivery] = {}  # leased now, by partition and offset
         self._ready: list[tuple[float, int, int]] = []  # (monotonic time, partition, offset)
-        # (deadline, lease, partition, offset). Every deadline is now + ack_wait, so leases
-        # expire in the order they were (re)armed; tuples let settled deliveries be freed.
+        # (deadline, partition, first offset, end offset): the leases armed together (a run of
+        # consecutive offsets delivered by one fetch, or one extended lease). Every deadline is
+        # now + ack_wait, so entries expire in the order they were armed; a lease settled,
+        # extended or re-leased meanwhile is recognised by its delivery's own deadline.
         self._expiry: deque[tuple[float, int, int, int]] = deque()
         self._members: dict[str, SharedMember] = {}
         # key_ordered: the one message (partition, offset) that holds each key, and the
@@ -114,11 +132,13 @@ class SharedGroup(GroupBase):
             st = self._parts[p]
             if kind == COMMIT:  # where a new group starts
                 st.skip_to(offset)
+            elif kind == DELIVER:  # one more delivery of each offset of a run (value 0: one offset)
+                counts, done, floor = st.counts, st.done, st.floor
+                for o in range(max(offset, floor), offset + (value or 1)):
+                    if o not in done:
+                        counts[o] = counts.get(o, 0) + 1
+            elif offset < st.floor or offset in st.done:
                 continue
-            if offset < st.floor or offset in st.done:
-                continue
-            if kind == DELIVER:
-                st.counts[offset] = st.counts.get(offset, 0) + 1
             elif kind in (ACK, TERM):
                 st.finish(offset)
             elif kind == NACK and value:
@@ -133,7 +153,9 @@ class SharedGroup(GroupBase):
                 {
                     "floor": st.floor,
                     "done": sorted(st.done),
-                    "counts": st.counts,
+                    "counts": st.counts | {
+                        o: d.delivery_count for o, d in st.leased.items() if o >= st.floor
+                    },
                     "not_before": st.not_before,
                 }
                 for st in self._parts
@@ -141,8 +163,10 @@ class SharedGroup(GroupBase):
         }
 
     async def _flush(self) -> None:
-        await self._state.flush()
-        await self._state.maybe_snapshot(self._snapshot_state)
+        state = self._state
+        await state.flush()
+        if state.until_snapshot <= 0:
+            await state.maybe_snapshot(self._snapshot_state)
 
     # -- members and fetching --------------------------------------------------------------------
 
@@ -163,7 +187,7 @@ class SharedGroup(GroupBase):
         return self._unfinished
 
     def _recount(self) -> None:
-        self._unfinished = sum(len(st.counts) for st in self._parts)
+        self._unfinished = sum(len(st.counts) + len(st.leased) for st in self._parts)
 
     async def _fetch(
         self, member: SharedMember, max_messages: int, timeout: float, max_bytes: int | None
@@ -199,7 +223,7 @@ class SharedGroup(GroupBase):
         while ready and ready[0][0] <= now and len(out) < room:
             _, p, offset = heapq.heappop(ready)
             st = self._parts[p]
-            if (p, offset) in self._leases or offset not in st.counts:
+            if offset in st.leased or offset not in st.counts:
                 continue
             found = self.stream.partitions[p].fetch(offset, 1)
             if not found or found[0].offset != offset:
@@ -207,12 +231,14 @@ class SharedGroup(GroupBase):
                 continue
             self._offer(member, found[0], now, out)
         limit = self.config.max_ack_pending
-        while self._released and len(out) < room and self.ack_pending < limit and self._has_byte_room(out):
+        while self._released and len(out) < room and self._unfinished < limit and self._has_byte_room(out):
             self._offer(member, self._released.popleft(), now, out)
         for p in self._partition_order():
-            if len(out) >= room or self.ack_pending >= limit or not self._has_byte_room(out):
+            if len(out) >= room or self._unfinished >= limit or not self._has_byte_room(out):
                 break
             self._scan(member, p, room, out, now)
+        if out and self._expiry_task is None:
+            self._expiry_task = asyncio.get_running_loop().create_task(self._expire_leases())
         return out
 
     def _has_byte_room(self, out: list[Delivery]) -> bool:
@@ -222,15 +248,28 @@ class SharedGroup(GroupBase):
         """Deliver ``message``, unless it was delivered max_deliver times already (then it is
         buried: that happens after a restart or a member leaving mid-delivery)."""
         assert message.partition is not None and message.offset is not None
+        p, offset = message.partition, message.offset
+        st = self._parts[p]
+        previous = st.counts.get(offset)
         max_deliver = self.config.max_deliver
-        if (
-            max_deliver is not None
-            and self._parts[message.partition].counts.get(message.offset, 0) >= max_deliver
-        ):
+        if max_deliver is not None and previous is not None and previous >= max_deliver:
             self._hold_key(message)
             self._exhausted.append(message)
             return
-        out.append(self._deliver(member, message, now))
+        self._hold_key(message)
+        if previous is None:
+            previous = 0
+            self._unfinished += 1
+        else:
+            del st.counts[offset]
+        self._next_lease += 1
+        deadline = now + self.config.ack_wait_s
+        delivery = Delivery(message, self.name, previous + 1, self, self._next_lease, None, member, deadline)
+        st.leased[offset] = delivery
+        self._expiry.append((deadline, p, offset, offset + 1))
+        member.pending += 1
+        self._state.record(DELIVER, p, offset, 1)
+        out.append(delivery)
         if self._bytes_left is not None:
             self._bytes_left -= len(message.payload)
 
@@ -259,10 +298,10 @@ class SharedGroup(GroupBase):
         partition = self.stream.partitions[p]
         limit = self.config.max_ack_pending
         key_ordered = self.config.key_ordered
-        while len(out) < room and self.ack_pending < limit and st.cursor < partition.next_offset:
+        while len(out) < room and self._unfinished < limit and st.cursor < partition.next_offset:
             if key_ordered and self._parked_count >= limit:
                 return
-            messages = partition.fetch(st.cursor, room - len(out), self._bytes_left)
+            messages = self._read(st, partition, room - len(out))
             if not messages:
                 st.skip_to(partition.next_offset)
                 self._recount()
@@ -271,71 +310,231 @@ class SharedGroup(GroupBase):
             if messages[0].offset > st.cursor:
                 st.skip_to(messages[0].offset)
                 self._recount()
+            if (
+                self._deliver_plain(member, p, st, messages, room, out, now)
+                if not key_ordered and not st.not_before and self._bytes_left is None
+                else self._deliver_scanned(member, p, st, messages, room, out, now)
+            ):
+                return
+
+    def _read(self, st: _PartitionState, partition: Partition, want: int) -> list[Message]:
+        """Up to ``want`` messages from the cursor on: `Partition.fetch`, reading ahead.
+
+        Read-ahead messages are used only while they are exactly what the log would return:
+        from the cursor they were read for, none removed by retention since (retention
+        removes the oldest segments; per-subject limits, which hide messages one by one, get
+        no read-ahead).
+        """
+        ahead = st.ahead
+        if ahead:
+            st.ahead = []
+            if st.ahead_from == st.cursor and ahead[0].offset >= partition.first_offset:  # type: ignore[operator]
+                if len(ahead) > want:
+                    st.ahead = ahead[want:]
+                    del ahead[want:]
+                    st.ahead_from = ahead[-1].offset + 1  # type: ignore[operator]
+                return ahead
+        if want >= _READ_AHEAD or self._bytes_left is not None or partition.recent_by_subject is not None:
+            return partition.fetch(st.cursor, want, self._bytes_left)
+        messages = partition.fetch(st.cursor, _READ_AHEAD)
+        if len(messages) > want:
+            rest = messages[want:]
+            del messages[want:]
+            if sum([len(m.payload) for m in rest]) <= _READ_AHEAD_BYTES:
+                st.ahead = rest
+                st.ahead_from = messages[-1].offset + 1  # type: ignore[operator]
+        return messages
+
+    def _deliver_plain(
+        self,
+        member: SharedMember,
+        p: int,
+        st: _PartitionState,
+        messages: list[Message],
+        room: int,
+        out: list[Delivery],
+        now: float,
+    ) -> bool:
+        """`_deliver_scanned` for the usual case: no keys to order, no nack delays in this
+        partition, no byte limit (the same steps, without the checks they need)."""
+        limit = self.config.max_ack_pending
+        max_deliver = self.config.max_deliver
+        deadline = now + self.config.ack_wait_s
+        name = self.name
+        done, counts, leased = st.done, st.counts, st.leased
+        unfinished = self._unfinished
+        lease = self._next_lease
+        append = out.append
+        taken = len(out)
+        first = end = -1  # the current run of delivered offsets
+        cursor = st.cursor
+        stopped = False
+        try:
             for message in messages:
-                if len(out) >= room or self.ack_pending >= limit or not self._has_byte_room(out):
-                    return
-                assert message.offset is not None
-                offset = message.offset
-                st.cursor = offset + 1
-                if offset in st.done:
+                offset: int = message.offset  # type: ignore[assignment]
+                if taken >= room or unfinished >= limit:
+                    stopped = True
+                    break
+                cursor = offset + 1
+                if done and offset in done:
                     continue
+                count = counts.get(offset) if counts else None
+                if count is None:
+                    count = 1
+                    unfinished += 1
+                elif max_deliver is not None and count >= max_deliver:
+                    self._exhausted.append(message)
+                    continue
+                else:
+                    del counts[offset]
+                    count += 1
+                lease += 1
+                delivery = Delivery(message, name, count, self, lease, None, member, deadline)
+                leased[offset] = delivery
+                append(delivery)
+                taken += 1
+                if offset == end:
+                    end += 1
+                else:
+                    if end > first:
+                        self._armed(deadline, p, first, end)
+                    first, end = offset, offset + 1
+        finally:
+            if end > first:
+                self._armed(deadline, p, first, end)
+            member.pending += lease - self._next_lease
+            self._next_lease = lease
+            self._unfinished = unfinished
+            st.cursor = cursor
+        return stopped
+
+    def _deliver_scanned(
+        self,
+        member: SharedMember,
+        p: int,
+        st: _PartitionState,
+        messages: list[Message],
+        room: int,
+        out: list[Delivery],
+        now: float,
+    ) -> bool:
+        """Deliver what can be of ``messages`` (read at the cursor, in offset order); True when a
+        limit stopped it. The hot loop of fetching: each run of consecutive offsets delivered is
+        one DELIVER event and one expiry entry."""
+        config = self.config
+        limit = config.max_ack_pending
+        max_deliver = config.max_deliver
+        key_ordered = config.key_ordered
+        deadline = now + config.ack_wait_s
+        name = self.name
+        done, counts, not_before, leased = st.done, st.counts, st.not_before, st.leased
+        bytes_left = self._bytes_left
+        unfinished = self._unfinished
+        lease = self._next_lease
+        append = out.append
+        taken = len(out)
+        first = end = -1  # the current run of delivered offsets
+        cursor = st.cursor
+        stopped = False
+        try:
+            for message in messages:
                 if (
-                    key_ordered
-                    and message.key is not None
-                    and (message.key in self._key_owner or message.key in self._parked)
+                    taken >= room
+                    or unfinished >= limit
+                    or (bytes_left is not None and bytes_left <= 0 and taken)
                 ):
-                    self._parked.setdefault(message.key, deque()).append(message)
-                    self._parked_count += 1
+                    stopped = True
+                    break
+                offset: int = message.offset  # type: ignore[assignment]
+                cursor = offset + 1
+                if done and offset in done:
                     continue
-                not_before = st.not_before.get(offset)
-                if not_before is not None and not_before > time.time_ns():
+                if key_ordered and message.key is not None:
+                    key = message.key
+                    if key in self._key_owner or key in self._parked:
+                        self._parked.setdefault(key, deque()).append(message)
+                        self._parked_count += 1
+                        continue
+                if not_before:
+                    wait_until = not_before.get(offset)
+                    if wait_until is not None and wait_until > time.time_ns():
+                        self._hold_key(message)
+                        heapq.heappush(self._ready, (now + (wait_until - time.time_ns()) / 1e9, p, offset))
+                        continue
+                count = counts.get(offset)
+                if count is None:
+                    count = 1
+                    unfinished += 1
+                elif max_deliver is not None and count >= max_deliver:
                     self._hold_key(message)
-                    heapq.heappush(self._ready, (now + (not_before - time.time_ns()) / 1e9, p, offset))
+                    self._exhausted.append(message)
                     continue
-                self._offer(member, message, now, out)
+                else:
+                    del counts[offset]
+                    count += 1
+                if key_ordered:
+                    self._hold_key(message)
+                lease += 1
+                delivery = Delivery(message, name, count, self, lease, None, member, deadline)
+                leased[offset] = delivery
+                append(delivery)
+                taken += 1
+                if bytes_left is not None:
+                    bytes_left -= len(message.payload)
+                if offset == end:
+                    end += 1
+                else:
+                    if end > first:
+                        self._armed(deadline, p, first, end)
+                    first, end = offset, offset + 1
+        finally:
+            if end > first:
+                self._armed(deadline, p, first, end)
+            member.pending += lease - self._next_lease
+            self._next_lease = lease
+            self._unfinished = unfinished
+            self._bytes_left = bytes_left
+            st.cursor = cursor
+        return stopped
+
+    def _armed(self, deadline: float, p: int, first: int, end: int) -> None:
+        """Offsets first..end-1 of partition ``p`` were just leased until ``deadline``."""
+        self._expiry.append((deadline, p, first, end))
+        self._state.record(DELIVER, p, first, end - first)
 
     def _hold_key(self, message: Message) -> None:
         if self.config.key_ordered and message.key is not None:
             assert message.partition is not None and message.offset is not None
             self._key_owner[message.key] = (message.partition, message.offset)
 
-    def _deliver(self, member: SharedMember, message: Message, now: float) -> Delivery:
-        assert message.partition is not None and message.offset is not None
-        p, offset = message.partition, message.offset
-        st = self._parts[p]
-        self._hold_key(message)
-        count = st.counts.get(offset, 0) + 1
-        if count == 1 and offset not in st.counts:
-            self._unfinished += 1
-        st.counts[offset] = count
-        self._next_lease += 1
-        delivery = Delivery(message, self.name, count, self, self._next_lease)
-        delivery.holder = member
-        delivery.deadline = now + self.config.ack_wait_s
-        self._leases[(p, offset)] = delivery
-        self._expiry.append((delivery.deadline, delivery.lease, p, offset))
-        member.pending += 1
-        self._state.record(DELIVER, p, offset)
-        if self._expiry_task is None:
-            self._expiry_task = asyncio.get_running_loop().create_task(self._expire_leases())
-        return delivery
-
     # -- settling --------------------------------------------------------------------------------
 
-    def _take_lease(self, delivery: Delivery) -> None:
-        leased = self._leases.get((delivery.partition, delivery.offset))
-        self._check_settle(delivery, None if leased is None else leased.lease)
-        delivery.settled = True
-        del self._leases[(delivery.partition, delivery.offset)]
-        _holder(delivery).pending -= 1
+    def _check_held(self, delivery: Delivery, st: _PartitionState) -> None:
+        """Raise unless ``delivery`` is the current lease of its message, unsettled."""
+        current = st.leased.get(delivery.offset)
+        if current is not delivery or delivery.settled or delivery.is_cancelled():
+            self._check_settle(delivery, None if current is None else current.lease)
+            raise AssertionError(f"{delivery!r} is not held")  # _check_settle raised already
 
-    def _finish(self, p: int, offset: int, message: Message | None, kind: int) -> None:
-        if self._parts[p].finish(offset):
+    def _take_lease(self, delivery: Delivery) -> _PartitionState:
+        """Settle ``delivery``: its message is no longer leased (but still unfinished)."""
+        st = self._parts[delivery.partition]
+        self._check_held(delivery, st)
+        delivery.settled = True
+        del st.leased[delivery.offset]
+        st.counts[delivery.offset] = delivery.delivery_count
+        delivery.holder.pending -= 1
+        return st
+
+    def _done(self, st: _PartitionState, p: int, offset: int, message: Message | None) -> None:
+        """In memory: ``offset`` is finished (its event is the caller's to record)."""
+        if st.finish(offset):
             self._unfinished -= 1
-        self._failures.pop((p, offset), None)
-        self._state.record(kind, p, offset)
+        if self._failures:
+            self._failures.pop((p, offset), None)
         if (
-            message is not None
+            self._key_owner
+            and message is not None
             and message.key is not None
             and self._key_owner.get(message.key) == (p, offset)
         ):
@@ -348,24 +547,60 @@ class SharedGroup(GroupBase):
                     del self._parked[message.key]
                 self._hold_key(released)
                 self._released.append(released)
-        self._wake()
+        if self._waiting:
+            self._wake()
+
+    def _finish(self, p: int, offset: int, message: Message | None, kind: int) -> None:
+        self._done(self._parts[p], p, offset, message)
+        self._state.record(kind, p, offset)
 
     async def _ack(self, delivery: Delivery) -> None:
-        self._take_lease(delivery)
-        self._finish(delivery.partition, delivery.offset, delivery.message, ACK)
-        await self._flush()
+        # The hottest path: _take_lease and _done inlined for the usual case.
+        p = delivery.partition
+        offset = delivery.offset
+        st = self._parts[p]
+        leased = st.leased
+        # (a delivery settled, expired or taken back is never its message's lease)
+        if leased.get(offset) is not delivery or delivery._cancelled is not None:
+            self._check_held(delivery, st)  # raises, unless it only found an unset CancelSignal
+        delivery.settled = True
+        del leased[offset]
+        delivery.holder.pending -= 1
+        self._unfinished -= 1
+        if self._failures or self._key_owner or st.not_before:
+            self._done(st, p, offset, delivery.message)
+        else:
+            floor = st.floor
+            if offset == floor:
+                floor += 1
+                done = st.done
+                if done:
+                    while floor in done:
+                        done.remove(floor)
+                        floor += 1
+                st.floor = floor
+            elif offset > floor:
+                st.done.add(offset)
+            if self._waiting:
+                self._wake()
+        state = self._state
+        written = state.write(ACK, p, offset)  # in the OS when this returns
+        if state.always:
+            await state.wait_durable(written)
+        if state.until_snapshot <= 0:
+            await state.maybe_snapshot(self._snapshot_state)
 
     async def _ack_batch(self, deliveries: list[Delivery]) -> None:
         seen = set()
         for delivery in deliveries:  # all or nothing: check every one before settling any
-            leased = self._leases.get((delivery.partition, delivery.offset))
-            self._check_settle(delivery, None if leased is None else leased.lease)
+            self._check_held(delivery, self._parts[delivery.partition])
             if id(delivery) in seen:
                 raise AlreadySettledError(f"{delivery!r} appears twice in the batch")
             seen.add(id(delivery))
         for delivery in deliveries:
-            self._take_lease(delivery)
-            self._finish(delivery.partition, delivery.offset, delivery.message, ACK)
+            st = self._take_lease(delivery)
+            self._done(st, delivery.partition, delivery.offset, delivery.message)
+            self._state.record(ACK, delivery.partition, delivery.offset)
         await self._flush()
 
     async def _nack(self, delivery: Delivery, delay: float | None, error: BaseException | str | None) -> None:
@@ -383,10 +618,9 @@ class SharedGroup(GroupBase):
         await self._flush()
 
     async def _in_progress(self, delivery: Delivery) -> None:
-        leased = self._leases.get((delivery.partition, delivery.offset))
-        self._check_settle(delivery, None if leased is None else leased.lease)
+        self._check_held(delivery, self._parts[delivery.partition])
         delivery.deadline = time.monotonic() + self.config.ack_wait_s
-        self._expiry.append((delivery.deadline, delivery.lease, delivery.partition, delivery.offset))
+        self._expiry.append((delivery.deadline, delivery.partition, delivery.offset, delivery.offset + 1))
 
     async def _failed(
         self, delivery: Delivery, error: BaseException | str | None, delay: float | None
@@ -410,41 +644,49 @@ class SharedGroup(GroupBase):
         heapq.heappush(self._ready, (time.monotonic() + delay, p, offset))
         self._wake()
 
+    def _revoke(self, st: _PartitionState, delivery: Delivery) -> None:
+        """Take back a lease its holder did not settle (expired, or the member left)."""
+        del st.leased[delivery.offset]
+        st.counts[delivery.offset] = delivery.delivery_count
+        delivery.holder.pending -= 1
+        delivery.cancelled.set()
+
     async def _expire_leases(self) -> None:
         while not self._closed:
             now = time.monotonic()
             expired = []
-            while self._expiry and self._expiry[0][0] <= now:
-                _, lease, p, offset = self._expiry.popleft()
+            expiry = self._expiry
+            while expiry and expiry[0][0] <= now:
+                _, p, first, end = expiry.popleft()
+                st = self._parts[p]
+                leased = st.leased
+                if not leased:
+                    continue
                 # Skip leases settled or re-leased meanwhile; an extended one is queued again.
-                delivery = self._leases.get((p, offset))
-                if (
-                    delivery is not None
-                    and delivery.lease == lease
-                    and delivery.deadline <= now
-                    and delivery not in expired
-                ):
-                    expired.append(delivery)
+                for offset in range(first, end):
+                    delivery = leased.get(offset)
+                    if delivery is not None and delivery.deadline <= now:
+                        self._revoke(st, delivery)
+                        expired.append(delivery)
             for delivery in expired:
-                del self._leases[(delivery.partition, delivery.offset)]
-                _holder(delivery).pending -= 1
-                delivery.cancelled.set()
                 await self._failed(
                     delivery, f"not acknowledged within ack_wait ({self.config.ack_wait_s}s)", None
                 )
             if expired:
                 await self._flush()
-            next_deadline = self._expiry[0][0] - now if self._expiry else _EXPIRY_TICK_S
+            next_deadline = expiry[0][0] - now if expiry else _EXPIRY_TICK_S
             await asyncio.sleep(max(0.001, min(_EXPIRY_TICK_S, next_deadline)))
 
     async def _release_member(self, member: SharedMember) -> None:
         """A member left: its leased messages are redelivered at once (max_deliver still holds)."""
         member.left = True
-        for key, delivery in list(self._leases.items()):
-            if delivery.holder is member:
-                del self._leases[key]
-                delivery.cancelled.set()
-                await self._failed(delivery, f"member {member.name!r} left", 0.0)
+        released = []
+        for st in self._parts:
+            for delivery in [d for d in st.leased.values() if d.holder is member]:
+                self._revoke(st, delivery)
+                released.append(delivery)
+        for delivery in released:
+            await self._failed(delivery, f"member {member.name!r} left", 0.0)
         member.pending = 0
         self._members.pop(member.name, None)
         await self._flush()
@@ -453,23 +695,21 @@ class SharedGroup(GroupBase):
     # -- observing ---------------------------------------------------------------------------------
 
     def lag(self) -> list[PartitionLag]:
-        in_flight = [0] * len(self._parts)
-        for p, _ in self._leases:
-            in_flight[p] += 1
         out = []
         for p, st in enumerate(self._parts):
             head = self.stream.partitions[p].next_offset
             committed = min(st.floor, head)
             unfinished = max(0, head - committed - len(st.done))
-            waiting = len(st.counts) - in_flight[p]
+            in_flight = len(st.leased)
+            waiting = len(st.counts)
             out.append(
                 PartitionLag(
                     partition=p,
                     head=head,
                     committed=committed,
                     lag=head - committed,
-                    pending=max(0, unfinished - in_flight[p] - waiting),
-                    in_flight=in_flight[p],
+                    pending=max(0, unfinished - in_flight - waiting),
+                    in_flight=in_flight,
                     waiting=waiting,
                 )
             )
@@ -514,7 +754,3 @@ class SharedMember:
     async def leave(self) -> None:
         await self.group._release_member(self)
 
-
-def _holder(delivery: Delivery) -> SharedMember:
-    assert isinstance(delivery.holder, SharedMember)
-    return delivery.holder
