@@ -63,10 +63,11 @@ wait after a failure, so an expired lease is redelivered at once. ``max_ack_pend
 evenly over the partitions' consumers. ``max_deliver``: JetStream's limit is set one higher,
 so that a message whose last allowed delivery timed out is delivered once more, and pigeon
 dead-letters it instead of handing it out. A member's fetch sends one pull request per
-partition; requests that outlive the fetch fill a local buffer that the next fetch takes
-first (prefetch), dropping what waited there longer than ``ack_wait_s``. Settling after the
-lease ran out raises `DeliveryNotOwnedError`. Closing a member naks what it holds. Key-ordered
-shared groups are refused (`UnsupportedFeatureError`): use an ordered group.
+partition, splitting its batch over them; requests that outlive the fetch fill a local
+buffer that the next fetch takes first (prefetch: the group's lag may show them in flight),
+dropping what waited there longer than ``ack_wait_s``. Settling after the lease ran out
+raises `DeliveryNotOwnedError`. Closing a member naks what it holds. Key-ordered shared
+groups are refused (`UnsupportedFeatureError`): use an ordered group.
 
 Ordered groups (emulated)
 -------------------------

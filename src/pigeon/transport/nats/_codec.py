@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import NamedTuple
 
-from nats.js.errors import APIError
+import nats.errors
+from nats.js.errors import APIError, ServiceUnavailableError
 
 from ...errors import (
     GroupNotFoundError,
@@ -18,6 +20,8 @@ from ...errors import (
     StreamFullError,
     StreamNotFoundError,
     SubjectOverlapError,
+    TransportClosedError,
+    UnsupportedFeatureError,
 )
 from ...message import Headers, Message
 
@@ -36,11 +40,13 @@ _ENCODED = "=?b64?"
 def _wire_value(value: object, what: str) -> str:
     if not isinstance(value, str):
         raise InvalidMessageError(f"{what} must be text, not {type(value).__name__}")
-    if value and (value != value.strip() or "\r" in value or "\n" in value or value.startswith(_ENCODED)):
+    if not value.isascii():
         try:
-            return _ENCODED + base64.b64encode(value.encode()).decode()
-        except UnicodeEncodeError:
+            value.encode()
+        except UnicodeEncodeError:  # lone surrogates
             raise InvalidMessageError(f"{what} is not valid text: {value!r}") from None
+    if value and (value != value.strip() or "\r" in value or "\n" in value or value.startswith(_ENCODED)):
+        return _ENCODED + base64.b64encode(value.encode()).decode()
     return value
 
 
@@ -175,3 +181,18 @@ def api_error(error: APIError, what: str) -> PigeonError:
     if code in _TOO_LARGE:
         return MessageTooLargeError(text)
     return PigeonError(f"{text} (JetStream error {code})")
+
+
+@contextlib.contextmanager
+def jetstream_errors(what: str) -> Iterator[None]:
+    """Turn the client's exceptions about ``what`` into pigeon's."""
+    try:
+        yield
+    except ServiceUnavailableError:
+        raise UnsupportedFeatureError(
+            "nats", f"{what} without JetStream", "start nats-server with JetStream enabled (-js)"
+        ) from None
+    except APIError as error:
+        raise api_error(error, what) from None
+    except nats.errors.ConnectionClosedError:
+        raise TransportClosedError(f"{what}: the NATS connection is closed") from None

@@ -24,7 +24,7 @@ from ...engine.groups.deadletter import Failures
 from ...errors import AlreadySettledError, DeliveryNotOwnedError, GroupNotFoundError, MemberNotFoundError
 from ...message import Message
 from ..base import Consumer, ConsumerSpec, Received
-from ._codec import read_message
+from ._codec import jetstream_errors, read_message
 from ._options import Layout, NatsOptions
 from ._pull import EXPIRES_MARGIN_S, MIN_EXPIRES_S, Arrival, Puller, Signal
 
@@ -159,6 +159,10 @@ class Member(Consumer):
     async def fetch(self, max_messages: int = 100, timeout: float = 5.0) -> Sequence[Received]:
         check_fetch(max_messages, timeout)
         self._check_member()
+        with jetstream_errors(f"group {self.ctx.spec.group!r} on stream {self.ctx.layout.name!r}"):
+            return await self._fetch(max_messages, timeout)
+
+    async def _fetch(self, max_messages: int, timeout: float) -> Sequence[Received]:
         batch = min(max_messages, self.ctx.spec.max_ack_pending)
         deadline = time.monotonic() + timeout
         if timeout < MIN_EXPIRES_S:
@@ -167,8 +171,9 @@ class Member(Consumer):
             out = await self._collect(max_messages)
             if out:
                 return out
-            for p in self._pullable(time.monotonic()):
-                await self.puller.pull(p, batch, None)
+            pullable = self._pullable(time.monotonic())
+            for p in pullable:
+                await self.puller.pull(p, -(-batch // len(pullable)), None)
             until = time.monotonic() + min(self.ctx.options.request_timeout_s, 0.5)
             while not any(self.puller.buffers) and any(
                 self.puller.outstanding(p) for p in range(len(self.puller.buffers))
@@ -187,8 +192,11 @@ class Member(Consumer):
             if remaining <= 0:
                 return []
             expires = min(remaining, self.max_expires_s) + EXPIRES_MARGIN_S
-            for p in self._pullable(now):
-                await self.puller.pull(p, batch, expires)
+            pullable = self._pullable(now)
+            # The batch is split over the partitions asked, so that one fetch leases about
+            # what it asked for, not that many per partition.
+            for p in pullable:
+                await self.puller.pull(p, -(-batch // len(pullable)), expires)
             wake_at = min(deadline, self._wake_at(now), self.puller.next_expiry())
             await self.signal.wait(armed, wake_at - time.monotonic())
             self._check_member()

@@ -18,6 +18,8 @@ COORDINATION_ROOT = "$PGNC"
 # JetStream acknowledgement inbox as a request to answer.
 ACK_INBOX_ROOT = "_INBOX.pgnack"
 DEAD_LETTER_ROOT = "$DLQ"
+# Subjects users may not publish to.
+RESERVED_ROOTS = (f"{PARTITION_ROOT}.", f"{COORDINATION_ROOT}.", f"{ACK_INBOX_ROOT}.")
 
 STREAM_DESCRIPTION = "pigeon-stream:"
 GROUP_DESCRIPTION = "pigeon-group:"

@@ -44,6 +44,7 @@ from ...engine.groups.base import check_nack_delay
 from ...errors import AlreadySettledError, DeliveryNotOwnedError
 from ...message import Message
 from ..base import Received
+from ._codec import jetstream_errors
 from ._groups import ACK, NAK, TERM, WPI, GroupContext, Member
 from ._options import coordination_subject
 from ._pull import Arrival
@@ -176,11 +177,16 @@ class OrderedMember(Member):
         cls, ctx: GroupContext, name: str, kv: KeyValue, bucket: str, session_timeout: float
     ) -> OrderedMember:
         member = cls(ctx, name, kv, bucket, session_timeout)
-        await member.puller.start()
-        await kv.put(f"m.{member.token}", member._value)
-        member._notifications = await ctx.nc.subscribe(member._subject, cb=member._on_notice)
-        await member._announce()
-        await member._rebalance()
+        try:
+            with jetstream_errors(f"group {ctx.spec.group!r} on stream {ctx.layout.name!r}"):
+                await member.puller.start()
+                await kv.put(f"m.{member.token}", member._value)
+                member._notifications = await ctx.nc.subscribe(member._subject, cb=member._on_notice)
+                await member._announce()
+                await member._rebalance()
+        except BaseException:
+            await member.close()
+            raise
         member._task = asyncio.get_running_loop().create_task(member._run())
         # Like a Kafka join: return once this member holds its share, which the others hand
         # over as soon as their outstanding batches are settled (bounded).
@@ -217,6 +223,11 @@ class OrderedMember(Member):
             except asyncio.CancelledError:
                 raise
             except NotFoundError:
+                if await self._group_exists():
+                    log.warning(
+                        "group %s member %s: a coordination key vanished", self.ctx.spec.group, self.name
+                    )
+                    continue
                 self.left = "its group was deleted"
                 self.puller.deleted = True
                 self.signal.set()
@@ -225,6 +236,16 @@ class OrderedMember(Member):
                 log.warning(
                     "group %s member %s: rebalancing failed: %r", self.ctx.spec.group, self.name, error
                 )
+
+    async def _group_exists(self) -> bool:
+        try:
+            await self.ctx.js.consumer_info(self.ctx.layout.streams[0], self.ctx.spec.group)
+            await self.ctx.js.stream_info(f"KV_{self.bucket}")
+        except NotFoundError:
+            return False
+        except Exception:  # cannot tell now: assume it does, and look again later
+            return True
+        return True
 
     async def _members(self) -> list[str]:
         prefix = f"$KV.{self.bucket}.m."
@@ -266,6 +287,9 @@ class OrderedMember(Member):
             part.rev = await self.kv.create(f"p.{part.p}", self._value)
         except KeyWrongLastSequenceError:
             return  # someone else owns it (until they hand it back or their lease runs out)
+        stale = self.puller.buffers[part.p]  # late deliveries from an earlier ownership
+        while stale:
+            await self.puller.settle(stale.popleft().msg.reply, NAK)
         part.owned, part.releasing, part.waiting = True, False, False
         part.epoch += 1
         part.batch, part.prefix = [], 0
@@ -368,8 +392,10 @@ class OrderedMember(Member):
             if not arrivals:
                 continue
             if part.epoch != epoch or not part.owned:  # lost while asking the consumer
-                for arrival in arrivals:
+                buffer = self.puller.buffers[p]
+                for arrival in [*arrivals, *sorted(buffer, key=_offset)]:
                     await self.puller.settle(arrival.msg.reply, NAK)
+                buffer.clear()
                 continue
             batch = _Batch()
             part.batch = [

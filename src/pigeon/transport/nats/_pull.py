@@ -16,10 +16,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSub
 
+from ...errors import TransportClosedError
 from ._codec import Delivered, parse_ack_subject
 
 log = logging.getLogger("pigeon.transport.nats")
@@ -114,9 +116,12 @@ class Puller:
         self.deleted = False  # the server said the consumer is gone
 
     async def start(self) -> None:
-        self._sub = await self._nc.subscribe(
-            f"{self._inbox}.>", cb=self._arrive, pending_msgs_limit=self._buffer_limit
-        )
+        try:
+            self._sub = await self._nc.subscribe(
+                f"{self._inbox}.>", cb=self._arrive, pending_msgs_limit=self._buffer_limit
+            )
+        except nats.errors.ConnectionClosedError:
+            raise TransportClosedError("the NATS connection is closed") from None
 
     async def stop(self) -> None:
         """Stop receiving. The server drops pull requests whose inbox nobody listens on."""
@@ -151,12 +156,18 @@ class Puller:
             body["expires"] = int(expires * 1e9)
             ends = now + expires
         self._requests[p] = _Request(self._numbers, batch, ends)
-        await self._nc.publish(
+        await self._publish(
             f"$JS.API.CONSUMER.MSG.NEXT.{self._streams[p]}.{self._group}",
             json.dumps(body).encode(),
-            reply=f"{self._inbox}.{p}.{self._numbers}",
+            f"{self._inbox}.{p}.{self._numbers}",
         )
         return self._numbers
+
+    async def _publish(self, subject: str, payload: bytes, reply: str = "") -> None:
+        try:
+            await self._nc.publish(subject, payload, reply=reply)
+        except nats.errors.ConnectionClosedError:
+            raise TransportClosedError("the NATS connection is closed") from None
 
     def is_current(self, p: int, number: int) -> bool:
         request = self._requests[p]
@@ -199,4 +210,4 @@ class Puller:
         await self._on_arrival(p)
 
     async def settle(self, reply: str, verb: bytes) -> None:
-        await self._nc.publish(reply, verb)
+        await self._publish(reply, verb)

@@ -1,4 +1,4 @@
-"""`NatsTransport`: connection, publishing, core messaging, streams, groups, lag and dead letters."""
+"""`NatsTransport`: connecting, publishing and routing, core messaging, joining groups, dead letters."""
 
 from __future__ import annotations
 
@@ -7,39 +7,23 @@ import contextlib
 import itertools
 import json
 import logging
-import math
 import random
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import nats
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DeliverPolicy,
-    DiscardPolicy,
-    KeyValueConfig,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
-    StreamInfo,
-)
-from nats.js.errors import APIError, BucketNotFoundError, NotFoundError, ServiceUnavailableError
-from nats.js.kv import KeyValue
+from nats.js.api import StreamInfo
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from ...engine.config import validate_name
 from ...engine.groups.deadletter import Failures, dead_letter_message
 from ...engine.murmur2 import partition_for_key
 from ...engine.stream import PubAck
 from ...errors import (
-    GroupExistsError,
-    GroupNotFoundError,
     InvalidConfigError,
     InvalidMessageError,
     InvalidSubjectError,
@@ -58,33 +42,28 @@ from ..base import (
     Capabilities,
     Consumer,
     ConsumerSpec,
-    PartitionLag,
     StreamSpec,
-    StreamState,
     Subscription,
     Transport,
 )
-from ._codec import SEALED, STREAM_NAME_IN_USE, api_error, read_message, wire_headers
+from ._codec import SEALED, jetstream_errors, read_message, wire_headers
 from ._core import NatsSubscription
-from ._groups import FailureNotes, GroupContext, Member, SharedMember, spec_json
+from ._groups import FailureNotes, GroupContext, Member, SharedMember
 from ._options import (
     ACK_INBOX_ROOT,
-    COORDINATION_ROOT,
-    GROUP_DESCRIPTION,
-    PARTITION_ROOT,
+    RESERVED_ROOTS,
     STREAM_DESCRIPTION,
     Layout,
     NatsOptions,
-    coordination_bucket,
     dead_letter_stream_name,
     dead_letter_subject,
 )
 from ._ordered import OrderedMember
+from ._streams import StreamAdmin, layout_of
 
 log = logging.getLogger("pigeon.transport.nats")
 
 _PIPELINE = 512  # stored publishes of one batch in flight at once
-_RESERVED_ROOTS = (f"{PARTITION_ROOT}.", f"{COORDINATION_ROOT}.", f"{ACK_INBOX_ROOT}.")
 
 
 class _NoStream:
@@ -94,22 +73,7 @@ class _NoStream:
 _NO_STREAM = _NoStream()
 
 
-@contextlib.contextmanager
-def _jetstream(what: str) -> Iterator[None]:
-    """Turn client exceptions into pigeon's."""
-    try:
-        yield
-    except ServiceUnavailableError:
-        raise UnsupportedFeatureError(
-            "nats", f"{what} without JetStream", "start nats-server with JetStream enabled (-js)"
-        ) from None
-    except APIError as error:
-        raise api_error(error, what) from None
-    except nats.errors.ConnectionClosedError:
-        raise TransportClosedError(f"{what}: the NATS connection is closed") from None
-
-
-class NatsTransport(Transport):
+class NatsTransport(StreamAdmin, Transport):
     name = "nats"
     capabilities: ClassVar[Capabilities] = Capabilities(
         durable=True,
@@ -151,22 +115,16 @@ class NatsTransport(Transport):
     }
 
     def __init__(self, nc: Client, options: NatsOptions) -> None:
-        self.nc = nc
-        self.js: JetStreamContext = nc.jetstream(timeout=options.request_timeout_s)
-        self.options = options
+        super().__init__(nc, options)
         self.failures = FailureNotes()
-        self._closed = False
         self._routes: SubjectIndex[Layout] = SubjectIndex()
-        self._routes_until = 0.0
         self._refreshing: asyncio.Future[None] | None = None
-        self._layouts: dict[str, tuple[float, Layout]] = {}
         self._round_robin: dict[str, int] = {}
         self._ack_prefix = f"{ACK_INBOX_ROOT}.{nc.new_inbox().rsplit('.', 1)[-1]}."
         self._acks: dict[str, asyncio.Future[Msg]] = {}
         self._ack_numbers = itertools.count()
         self._subscriptions: set[NatsSubscription] = set()
         self._members: set[Member] = set()
-        self._dead_letter_streams: set[str] = set()
 
     @classmethod
     async def open(cls, url: str, options: Any = None) -> NatsTransport:
@@ -178,17 +136,23 @@ class NatsTransport(Transport):
         async def on_error(error: Exception) -> None:
             log.warning("NATS connection error: %r", error)
 
+        nc = Client()
         try:
-            nc = await nats.connect(
-                servers=[url],
-                name=options.name,
-                connect_timeout=options.connect_timeout_s,
-                max_reconnect_attempts=-1,
-                error_cb=on_error,
-                user_credentials=options.user_credentials,
-                tls=options.tls,
-            )
-        except (nats.errors.Error, OSError, ValueError) as error:
+            # Reconnects are unlimited once connected; nats-py applies that to the first
+            # connection as well, hence the deadline.
+            async with asyncio.timeout(options.connect_timeout_s):
+                await nc.connect(
+                    servers=[url],
+                    name=options.name,
+                    connect_timeout=options.connect_timeout_s,
+                    max_reconnect_attempts=-1,
+                    error_cb=on_error,
+                    user_credentials=options.user_credentials,
+                    tls=options.tls,
+                )
+        except (nats.errors.Error, OSError, ValueError, TimeoutError) as error:
+            with contextlib.suppress(Exception):
+                await nc.close()
             raise TransportClosedError(f"cannot connect to NATS at {url!r}: {error!r}") from None
         transport = cls(nc, options)
         await nc.subscribe(f"{transport._ack_prefix}*", cb=transport._on_ack)
@@ -212,10 +176,6 @@ class NatsTransport(Transport):
             await self.nc.flush(timeout=max(1, int(self.options.request_timeout_s)))
         with contextlib.suppress(Exception):
             await self.nc.close()
-
-    def _check_open(self) -> None:
-        if self._closed or self.nc.is_closed:
-            raise TransportClosedError("the NATS transport is closed")
 
     def forget_member(self, member: Member) -> None:
         self._members.discard(member)
@@ -250,7 +210,13 @@ class NatsTransport(Transport):
             raise
         if msg.headers and msg.headers.get("Status") == "503":
             return _NO_STREAM
-        answer = json.loads(msg.data)
+        try:
+            answer = json.loads(msg.data)
+            if not isinstance(answer, dict) or not ("error" in answer or "seq" in answer):
+                raise ValueError(answer)
+        except ValueError:
+            # Someone other than JetStream answered the stored publish.
+            raise PigeonError(f"unexpected answer to a stored publish: {msg.data[:200]!r}") from None
         error = answer.get("error")
         if error:
             raise APIError(
@@ -271,7 +237,7 @@ class NatsTransport(Transport):
     def _check_publish(self, subject: str, payload: object, key: object) -> None:
         self._check_open()
         validate_subject(subject)
-        if subject.startswith(_RESERVED_ROOTS):
+        if subject.startswith(RESERVED_ROOTS):
             raise InvalidSubjectError(f"subject {subject!r}: subjects under $PGN and $PGNC are pigeon's own")
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise InvalidMessageError(f"payload must be bytes, not {type(payload).__name__}")
@@ -282,10 +248,10 @@ class NatsTransport(Transport):
         if layout.partitions == 1:
             return 0
         if key is not None:
-            return partition_for_key(key.encode(errors="surrogatepass"), layout.partitions)
+            return partition_for_key(key.encode(), layout.partitions)
         if msg_id is not None:
             # A retried publish must land where its first copy did, so that dedup sees it.
-            return partition_for_key(msg_id.encode(errors="surrogatepass"), layout.partitions)
+            return partition_for_key(msg_id.encode(), layout.partitions)
         turn = self._round_robin.get(layout.name)
         if turn is None:
             turn = random.randrange(layout.partitions)
@@ -333,32 +299,43 @@ class NatsTransport(Transport):
                     f"a message of {len(payload)} bytes exceeds the server's limit of {self.nc.max_payload}"
                 ) from None
             core_sent = core_sent or layout.partitions == 1
-            try:
-                with _jetstream(f"publish to {subject!r}"):
-                    try:
-                        answer = await self._stored_answer(token, future)
-                    except APIError as error:
-                        if error.err_code != SEALED or attempt:
-                            raise
-                        answer = _NO_STREAM  # a partitioned stream's subject now: route again
-            except TimeoutError:
-                self._forget_routes()
-                if await self._route(subject) is None:
-                    return None  # the stream is gone; core subscribers got the message
-                raise TimeoutError(
-                    f"publish to {subject!r}: no acknowledgement from stream {layout.name!r} within "
-                    f"{self.options.request_timeout_s}s (it may or may not be stored)"
-                ) from None
+            answer = await self._answer_or_reroute(subject, token, future, retry=not attempt)
+            if answer is None:
+                return None  # the stream is gone; core subscribers got the message
             if isinstance(answer, _NoStream):
                 self._forget_routes()
                 layout = await self._route(subject)
                 continue
             if layout.partitions > 1:
-                if not answer.duplicate:
+                if not answer.duplicate and not core_sent:
                     await self._core(subject, payload, wire)
                 return PubAck(layout.name, p, answer.offset, answer.duplicate)
             return answer
         raise PigeonError(f"publish to {subject!r}: the streams capturing it keep changing; try again")
+
+    async def _answer_or_reroute(
+        self, subject: str, token: str, future: asyncio.Future[Msg], *, retry: bool = True
+    ) -> PubAck | _NoStream | None:
+        """JetStream's answer to a stored publish. `_NO_STREAM` when it must be routed again
+        (no stream took it, or it reached a partitioned stream's sealed subjects); None when
+        no acknowledgement came and no stream captures the subject any more."""
+        try:
+            with jetstream_errors(f"publish to {subject!r}"):
+                try:
+                    return await self._stored_answer(token, future)
+                except APIError as error:
+                    if error.err_code != SEALED or not retry:
+                        raise
+                    return _NO_STREAM
+        except TimeoutError:
+            self._forget_routes()
+            layout = await self._route(subject)
+            if layout is None:
+                return None
+            raise TimeoutError(
+                f"publish to {subject!r}: no acknowledgement from stream {layout.name!r} within "
+                f"{self.options.request_timeout_s}s (it may or may not be stored)"
+            ) from None
 
     async def publish_batch(self, messages: Sequence[Message]) -> list[PubAck | None]:
         """Publish in order, with up to 512 stored publishes awaiting their acknowledgement at
@@ -392,16 +369,21 @@ class NatsTransport(Transport):
                 ) from None
             sent.append((m, layout, p, wire, token, future))
         results: list[PubAck | None] = []
-        for item in sent:
+        for index, item in enumerate(sent):
             if item is None:
                 results.append(None)
                 continue
             m, layout, p, wire, token, future = item
             try:
-                with _jetstream(f"publish to {m.subject!r}"):
-                    answer = await self._stored_answer(token, future)
-            except (TimeoutError, PigeonError):
-                answer = _NO_STREAM
+                answer = await self._answer_or_reroute(m.subject, token, future)
+            except BaseException:
+                for rest in sent[index + 1 :]:  # nobody will wait for these answers now
+                    if rest is not None:
+                        self._acks.pop(rest[4], None)
+                raise
+            if answer is None:
+                results.append(None)
+                continue
             if isinstance(answer, _NoStream):  # rare: route again and publish this one alone
                 self._forget_routes()
                 msg_id = m.id if m.has_explicit_id else None
@@ -419,10 +401,6 @@ class NatsTransport(Transport):
         return results
 
     # -- routing: which stream captures a subject ---------------------------------------------------
-
-    def _forget_routes(self) -> None:
-        self._routes_until = 0.0
-        self._layouts.clear()
 
     async def _route(self, subject: str) -> Layout | None:
         """The stream capturing ``subject``, from a table of every stream's subjects that is
@@ -453,7 +431,7 @@ class NatsTransport(Transport):
                     info = StreamInfo.from_response(data)
                     if info.config.name is None or "~" in info.config.name:
                         continue  # a partition's own stream: reached through its pigeon stream
-                    layout = _layout_of(info)
+                    layout = layout_of(info)
                     for pattern in layout.subjects:
                         with contextlib.suppress(InvalidSubjectError):
                             table.add(pattern, layout)
@@ -467,18 +445,6 @@ class NatsTransport(Transport):
         self._routes = table
         self._routes_until = started + self.options.route_cache_s
 
-    async def _layout(self, name: str, *, fresh: bool = False) -> Layout:
-        now = time.monotonic()
-        cached = self._layouts.get(name)
-        if cached is not None and cached[0] > now and not fresh:
-            return cached[1]
-        validate_name(name)
-        with _jetstream(f"stream {name!r}"):
-            info = await self.js.stream_info(name)
-        layout = _layout_of(info)
-        self._layouts[name] = (now + self.options.route_cache_s, layout)
-        return layout
-
     # -- core messaging ----------------------------------------------------------------------------
 
     async def subscribe(self, pattern: str, *, queue: str | None = None) -> Subscription:
@@ -489,7 +455,7 @@ class NatsTransport(Transport):
         subscription = NatsSubscription(
             pattern, self.options.subscription_buffer, self._subscriptions.discard
         )
-        with _jetstream(f"subscribe to {pattern!r}"):
+        with jetstream_errors(f"subscribe to {pattern!r}"):
             sub = await self.nc.subscribe(pattern, queue=queue or "", cb=subscription.receive)
         subscription.attach(sub)
         self._subscriptions.add(subscription)
@@ -536,179 +502,6 @@ class NatsTransport(Transport):
             raise InvalidMessageError(f"payload must be bytes, not {type(payload).__name__}")
         await self._core(reply_to, bytes(payload), wire_headers(headers, None, None, None))
 
-    # -- streams ------------------------------------------------------------------------------------
-
-    async def create_stream(self, spec: StreamSpec) -> None:
-        self._check_open()
-        if not isinstance(spec, StreamSpec):
-            raise InvalidConfigError(f"create_stream takes a StreamSpec, not {type(spec).__name__}")
-        _check_limits(spec)
-        for pattern in spec.subjects:
-            if pattern.startswith(_RESERVED_ROOTS) or pattern.split(".")[0] in (
-                PARTITION_ROOT,
-                COORDINATION_ROOT,
-            ):
-                raise InvalidConfigError(
-                    f"stream {spec.name!r}: subjects under $PGN and $PGNC are pigeon's own"
-                )
-        existing = await self._stream_info(spec.name)
-        if existing is not None:
-            await self._adopt(spec, existing)
-            return
-        description = STREAM_DESCRIPTION + json.dumps(
-            {"partitions": spec.partitions, "subjects": list(spec.subjects)}
-        )
-        with _jetstream(f"create stream {spec.name!r}"):
-            try:
-                if spec.partitions == 1:
-                    await self.js.add_stream(
-                        self._stream_config(spec, spec.name, spec.subjects, description, 1)
-                    )
-                else:
-                    await self._create_partitioned(spec, description)
-            except APIError as error:
-                if error.err_code != STREAM_NAME_IN_USE:
-                    raise
-                # Created by someone else meanwhile: fine if it is the same stream.
-                info = await self._stream_info(spec.name)
-                if info is None:
-                    raise
-                await self._adopt(spec, info)
-        self._forget_routes()
-
-    async def _create_partitioned(self, spec: StreamSpec, description: str) -> None:
-        layout = Layout.of(spec.name, spec.partitions, spec.subjects)
-        for p, name in enumerate(layout.streams):
-            config = self._stream_config(
-                spec,
-                name,
-                (layout.prefixes[p] + ">",),
-                STREAM_DESCRIPTION + json.dumps({"stream": spec.name, "partition": p}),
-                spec.partitions,
-            )
-            with contextlib.suppress(StreamExistsError), _jetstream(f"create stream {name!r}"):
-                await self.js.add_stream(config)
-        # The stream named like the pigeon stream captures its subjects, so that JetStream
-        # keeps other streams off them and publishers find the layout. Sealed, it stores
-        # nothing: the core copy of each publish ends there.
-        router = StreamConfig(
-            name=spec.name,
-            subjects=list(spec.subjects),
-            description=description,
-            storage=StorageType.MEMORY,
-            max_msgs=1,
-            num_replicas=self.options.replicas,
-            discard=DiscardPolicy.OLD,
-        )
-        try:
-            info = await self.js.add_stream(router)
-        except APIError:
-            for name in layout.streams:
-                with contextlib.suppress(APIError):
-                    await self.js.delete_stream(name)
-            raise
-        await self._seal(info)
-
-    async def _seal(self, info: StreamInfo) -> None:
-        if not info.config.sealed:
-            info.config.sealed = True
-            await self.js.update_stream(info.config)
-
-    async def _adopt(self, spec: StreamSpec, info: StreamInfo) -> None:
-        """The stream exists: the same one (repair what a crash during creation left), or not."""
-        layout = _layout_of(info)
-        if layout.partitions != spec.partitions or set(layout.subjects) != set(spec.subjects):
-            raise StreamExistsError(
-                f"stream {spec.name!r} exists with {layout.partitions} partition(s) capturing "
-                f"{list(layout.subjects)}"
-            )
-        if layout.partitions > 1:
-            with _jetstream(f"create stream {spec.name!r}"):
-                await self._seal(info)
-                for p, name in enumerate(layout.streams):
-                    if await self._stream_info(name) is None:
-                        await self.js.add_stream(
-                            self._stream_config(
-                                spec,
-                                name,
-                                (layout.prefixes[p] + ">",),
-                                STREAM_DESCRIPTION + json.dumps({"stream": spec.name, "partition": p}),
-                                spec.partitions,
-                            )
-                        )
-
-    def _stream_config(
-        self, spec: StreamSpec, name: str, subjects: tuple[str, ...], description: str, share: int
-    ) -> StreamConfig:
-        # Limits apply to the whole stream: each partition gets its share.
-        dedup = max(0.1, spec.dedup_window_s)  # JetStream's minimum; 0 would mean its 2 minutes
-        if spec.max_age_s is not None:
-            dedup = min(dedup, spec.max_age_s)
-        return StreamConfig(
-            name=name,
-            subjects=list(subjects),
-            description=description,
-            retention=RetentionPolicy.LIMITS,
-            discard=DiscardPolicy.OLD,
-            storage=StorageType.FILE if self.options.storage == "file" else StorageType.MEMORY,
-            num_replicas=self.options.replicas,
-            max_age=spec.max_age_s,
-            max_msgs=-1 if spec.max_msgs is None else math.ceil(spec.max_msgs / share),
-            max_bytes=-1 if spec.max_bytes is None else math.ceil(spec.max_bytes / share),
-            duplicate_window=dedup,
-        )
-
-    async def _stream_info(self, name: str) -> StreamInfo | None:
-        try:
-            with _jetstream(f"stream {name!r}"):
-                return await self.js.stream_info(name)
-        except StreamNotFoundError:
-            return None
-
-    async def delete_stream(self, name: str) -> None:
-        self._check_open()
-        layout = await self._layout(name, fresh=True)
-        groups = await self._group_names(layout.streams[0])
-        with _jetstream(f"delete stream {name!r}"):
-            for stream in (name, *(s for s in layout.streams if s != name)):
-                with contextlib.suppress(NotFoundError):
-                    await self.js.delete_stream(stream)
-            # The dead letters of its groups (even deleted ones) and their coordination buckets.
-            answer = await self.js._api_request(
-                "$JS.API.STREAM.NAMES",
-                json.dumps({"subject": dead_letter_subject(name, "*")}).encode(),
-                timeout=self.options.request_timeout_s,
-            )
-            for dead_letters in answer.get("streams") or []:
-                with contextlib.suppress(NotFoundError):
-                    await self.js.delete_stream(dead_letters)
-                self._dead_letter_streams.discard(dead_letters)
-            for group in groups:
-                with contextlib.suppress(NotFoundError):
-                    await self.js.delete_stream(f"KV_{coordination_bucket(name, group)}")
-        self._forget_routes()
-
-    async def _group_names(self, stream: str) -> list[str]:
-        with _jetstream(f"stream {stream!r}"):
-            try:
-                infos = await self.js.consumers_info(stream)
-            except NotFoundError:
-                return []
-        return [i.name for i in infos if (i.config.description or "").startswith(GROUP_DESCRIPTION)]
-
-    async def stream_state(self, name: str) -> StreamState:
-        self._check_open()
-        layout = await self._layout(name, fresh=True)
-        with _jetstream(f"stream {name!r}"):
-            infos = await asyncio.gather(*(self.js.stream_info(s) for s in layout.streams))
-        return StreamState(
-            name=name,
-            subjects=layout.subjects,
-            partitions=layout.partitions,
-            messages=sum(i.state.messages for i in infos),
-            last_offsets=tuple(i.state.last_seq - 1 for i in infos),
-        )
-
     # -- groups -----------------------------------------------------------------------------------
 
     async def consumer(self, stream: str, spec: ConsumerSpec, *, member: str | None = None) -> Consumer:
@@ -739,120 +532,6 @@ class NatsTransport(Transport):
         self._members.add(joined)
         return joined
 
-    async def _coordination(self, layout: Layout, group: str) -> tuple[KeyValue, str, float]:
-        bucket = coordination_bucket(layout.name, group)
-        with _jetstream(f"group {group!r} on stream {layout.name!r}"):
-            try:
-                kv = await self.js.key_value(bucket)
-            except BucketNotFoundError:
-                try:
-                    kv = await self.js.create_key_value(
-                        KeyValueConfig(
-                            bucket=bucket,
-                            ttl=self.options.session_timeout_s,
-                            history=1,
-                            storage=StorageType.MEMORY,
-                            replicas=self.options.replicas,
-                        )
-                    )
-                except APIError as error:
-                    if error.err_code != STREAM_NAME_IN_USE:
-                        raise
-                    kv = await self.js.key_value(bucket)  # created by another member meanwhile
-            status = await kv.status()
-        return kv, bucket, status.ttl or self.options.session_timeout_s
-
-    async def _ensure_group(self, layout: Layout, spec: ConsumerSpec, ack_wait: float) -> None:
-        description = GROUP_DESCRIPTION + json.dumps(spec_json(spec), sort_keys=True)
-        config = ConsumerConfig(
-            durable_name=spec.group,
-            description=description,
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=ack_wait,
-            # One delivery more than max_deliver for shared groups: when the last allowed
-            # delivery's lease runs out, pigeon gets it once more and dead-letters it.
-            # Ordered groups count at nack time only (a rewind redelivers innocent messages).
-            max_deliver=-1 if spec.max_deliver is None or spec.kind == "ordered" else spec.max_deliver + 1,
-            max_ack_pending=(
-                spec.max_ack_pending
-                if spec.kind == "ordered"
-                else math.ceil(spec.max_ack_pending / layout.partitions)
-            ),
-            **_start_config(spec),
-        )
-
-        async def ensure(stream: str) -> None:
-            with _jetstream(f"group {spec.group!r} on stream {layout.name!r}"):
-                try:
-                    info = await self.js.consumer_info(stream, spec.group)
-                except NotFoundError:
-                    await self.js.add_consumer(stream, config)
-                    return
-            if info.config.description != description:
-                raise GroupExistsError(
-                    f"group {spec.group!r} on stream {layout.name!r} exists with a different configuration"
-                )
-
-        await asyncio.gather(*(ensure(s) for s in layout.streams))
-
-    async def delete_group(self, stream: str, group: str) -> None:
-        self._check_open()
-        layout = await self._layout(stream, fresh=True)
-        validate_name(group, "group")
-        found = False
-        with _jetstream(f"group {group!r} on stream {stream!r}"):
-            for name in layout.streams:
-                with contextlib.suppress(NotFoundError):
-                    await self.js.delete_consumer(name, group)
-                    found = True
-            with contextlib.suppress(NotFoundError):
-                await self.js.delete_stream(f"KV_{coordination_bucket(stream, group)}")
-        if not found:
-            raise GroupNotFoundError(f"no group named {group!r} on stream {stream!r}")
-
-    async def lag(self, stream: str, group: str) -> list[PartitionLag]:
-        self._check_open()
-        layout = await self._layout(stream, fresh=True)
-        validate_name(group, "group")
-        with _jetstream(f"group {group!r} on stream {stream!r}"):
-            streams = await asyncio.gather(*(self.js.stream_info(s) for s in layout.streams))
-            consumers = await asyncio.gather(*(self.js.consumer_info(s, group) for s in layout.streams))
-        owners: list[str | None] = [None] * layout.partitions
-        if '"kind": "ordered"' in (consumers[0].config.description or ""):
-            owners = await self._owners(layout, group)
-        out = []
-        for p, (s, c) in enumerate(zip(streams, consumers, strict=True)):
-            head = s.state.last_seq
-            pending, in_flight = c.num_pending or 0, c.num_ack_pending or 0
-            lag = min(head, pending + in_flight)
-            out.append(
-                PartitionLag(
-                    partition=p,
-                    head=head,
-                    committed=head - lag,
-                    lag=lag,
-                    pending=pending,
-                    in_flight=in_flight,
-                    waiting=0,
-                    owner=owners[p],
-                )
-            )
-        return out
-
-    async def _owners(self, layout: Layout, group: str) -> list[str | None]:
-        try:
-            kv = await self.js.key_value(coordination_bucket(layout.name, group))
-        except NotFoundError:
-            return [None] * layout.partitions
-        owners: list[str | None] = []
-        for p in range(layout.partitions):
-            try:
-                entry = await kv.get(f"p.{p}")
-                owners.append(json.loads(entry.value or b"{}").get("name"))
-            except (NotFoundError, ValueError):
-                owners.append(None)
-        return owners
-
     # -- dead letters -------------------------------------------------------------------------------
 
     async def send_dead_letter(
@@ -861,10 +540,10 @@ class NatsTransport(Transport):
         stream, group = ctx.layout.name, ctx.spec.group
         name, subject = dead_letter_stream_name(stream, group), dead_letter_subject(stream, group)
         letter = dead_letter_message(message, group, delivery_count, failures, subject)
-        with _jetstream(f"dead letters of group {group!r} on stream {stream!r}"):
+        with jetstream_errors(f"dead letters of group {group!r} on stream {stream!r}"):
             if name not in self._dead_letter_streams:
                 # Created on first use with unlimited retention; create it beforehand to choose.
-                with contextlib.suppress(StreamExistsError), _jetstream(f"create stream {name!r}"):
+                with contextlib.suppress(StreamExistsError), jetstream_errors(f"create stream {name!r}"):
                     await self.js.add_stream(
                         self._stream_config(
                             StreamSpec(name, (subject,)),
@@ -894,7 +573,7 @@ class NatsTransport(Transport):
             return []
         out: list[Message] = []
         seq = info.state.first_seq
-        with _jetstream(f"dead letters of group {group!r} on stream {stream!r}"):
+        with jetstream_errors(f"dead letters of group {group!r} on stream {stream!r}"):
             while len(out) < max_messages and seq <= info.state.last_seq:
                 try:
                     raw = await self.js.get_msg(name, seq, subject=subject, next=True)
@@ -914,45 +593,3 @@ class NatsTransport(Transport):
                 )
                 seq = raw.seq + 1
         return out
-
-
-def _layout_of(info: StreamInfo) -> Layout:
-    config = info.config
-    assert config.name is not None
-    description = config.description or ""
-    if description.startswith(STREAM_DESCRIPTION):
-        data = json.loads(description[len(STREAM_DESCRIPTION) :])
-        if "partitions" in data:
-            return Layout.of(config.name, int(data["partitions"]), tuple(data["subjects"]))
-    # A stream pigeon did not create (or a partition's own stream): one partition, as is.
-    return Layout.of(config.name, 1, tuple(config.subjects or ()))
-
-
-def _check_limits(spec: StreamSpec) -> None:
-    for name, minimum in (("max_age_s", 0.001), ("max_msgs", 1), ("max_bytes", 1)):
-        value = getattr(spec, name)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int | float) or value < minimum
-        ):
-            raise InvalidConfigError(
-                f"stream {spec.name!r}: {name} must be at least {minimum}, not {value!r}"
-            )
-    value = spec.dedup_window_s
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise InvalidConfigError(f"stream {spec.name!r}: dedup_window_s must be at least 0, not {value!r}")
-
-
-def _start_config(spec: ConsumerSpec) -> dict[str, Any]:
-    start = spec.start
-    if start.kind == "earliest":
-        return {"deliver_policy": DeliverPolicy.ALL}
-    if start.kind == "latest":
-        return {"deliver_policy": DeliverPolicy.NEW}
-    if start.kind == "offset":
-        return {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": int(start.value) + 1}
-    if start.kind == "time":
-        return {
-            "deliver_policy": DeliverPolicy.BY_START_TIME,
-            "opt_start_time": datetime.fromtimestamp(start.value, UTC),
-        }
-    raise InvalidConfigError(f"group {spec.group!r}: unknown start {start.kind!r}")
