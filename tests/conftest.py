@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -34,3 +35,50 @@ async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
     finally:
         gc.collect()
         loop.set_exception_handler(previous)
+
+
+TRANSPORTS = ["memory", "embedded", "nats", "redis", "rabbitmq", "postgres"]
+
+
+@pytest.fixture(params=TRANSPORTS)
+async def any_transport(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    """An open transport of each kind: in-process ones, then the machine's real brokers."""
+    from pigeon.testing.services import require_service
+    from pigeon.transport import connect
+
+    kind = request.param
+    if kind == "memory":
+        url = "memory://"
+    elif kind == "embedded":
+        url = f"file://{tmp_path / 'broker'}"
+    else:
+        url = require_service(kind)
+    transport = await connect(url)
+    try:
+        yield transport
+    finally:
+        await transport.close()
+
+
+@pytest.fixture
+async def make_stream(any_transport: Any) -> AsyncIterator[Any]:
+    """``await make_stream(partitions=1, **limits)`` creates a fresh stream on ``any_transport``
+    and returns (name, subject prefix); every stream made is deleted after the test."""
+    from pigeon.testing.services import unique_name
+    from pigeon.transport.base import StreamSpec
+
+    created: list[str] = []
+
+    async def make(partitions: int = 1, **limits: Any) -> tuple[str, str]:
+        name = unique_name("s")
+        prefix = name.replace("-", "_")
+        await any_transport.create_stream(StreamSpec(name, (f"{prefix}.>",), partitions=partitions, **limits))
+        created.append(name)
+        return name, prefix
+
+    try:
+        yield make
+    finally:
+        for name in created:
+            with contextlib.suppress(Exception):
+                await any_transport.delete_stream(name)

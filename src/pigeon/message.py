@@ -56,6 +56,13 @@ class Headers:
     """On a dead letter or a retry: the id of the original message."""
     REDRIVE_COUNT: Final = "Pigeon-Redrive-Count"
     """How many times a message was sent back from the dead letters to its subject."""
+    REDRIVE_FOR: Final = "Pigeon-Redrive-For"
+    """On a redriven message: the one group it is meant for; pigeon's handlers in other
+    groups acknowledge it without processing (they handled the original already)."""
+    ATTEMPT: Final = "Pigeon-Attempt"
+    """On a message in a retry stream: the attempt it is due for (2 for the first retry)."""
+    CONTENT_TYPE: Final = "Content-Type"
+    """How the payload is encoded (``application/json``, ``text/plain``, ...)."""
     REPLY_TO: Final = "Pigeon-Reply-To"
     """On a request received by a subscriber: the subject its reply goes to (NATS's reply
     subject, or an inbox pigeon made). `Transport.reply` uses it."""
@@ -78,6 +85,9 @@ class Headers:
         ORIGINAL_OFFSET,
         ORIGINAL_MSG_ID,
         REDRIVE_COUNT,
+        REDRIVE_FOR,
+        ATTEMPT,
+        CONTENT_TYPE,
         REPLY_TO,
     )
 

@@ -76,7 +76,8 @@ def dead_letter_message(
             Headers.ORIGINAL_PARTITION: str(original.partition),
             Headers.ORIGINAL_OFFSET: str(original.offset),
             Headers.ORIGINAL_SUBJECT: headers.get(Headers.ORIGINAL_SUBJECT, original.subject),
-            Headers.ORIGINAL_MSG_ID: original.id,
+            # A retried or redriven copy keeps the id of the message it copies.
+            Headers.ORIGINAL_MSG_ID: headers.get(Headers.ORIGINAL_MSG_ID, original.id),
         }
     )
     # The id makes a repeated dead-lettering (after a crash mid-way) a duplicate, not a copy.
