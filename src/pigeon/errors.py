@@ -133,3 +133,19 @@ class RequestTimeoutError(PigeonError, TimeoutError):
 
 class TransportClosedError(PigeonError):
     """The transport was closed (or lost its connection for good)."""
+
+
+class InvalidHandlerError(PigeonError, TypeError):
+    """A handler's signature or settings cannot work (found when it is registered)."""
+
+
+class PayloadDecodeError(PigeonError, ValueError):
+    """A payload does not decode to the type the handler asks for: a poison message."""
+
+
+class PayloadEncodeError(PigeonError, TypeError):
+    """A value cannot be encoded as a payload."""
+
+
+class HandlerTimeoutError(PigeonError, TimeoutError):
+    """A handler ran past its processing deadline and was cancelled."""
