@@ -63,7 +63,8 @@ async def any_transport(request: pytest.FixtureRequest, tmp_path: Path) -> Async
 @pytest.fixture
 async def make_stream(any_transport: Any) -> AsyncIterator[Any]:
     """``await make_stream(partitions=1, **limits)`` creates a fresh stream on ``any_transport``
-    and returns (name, subject prefix); every stream made is deleted after the test."""
+    and returns (name, subject prefix); every stream made is deleted after the test, and so
+    are the streams a test adds to ``make_stream.created`` (retry streams, say)."""
     from pigeon.testing.services import unique_name
     from pigeon.transport.base import StreamSpec
 
@@ -76,9 +77,10 @@ async def make_stream(any_transport: Any) -> AsyncIterator[Any]:
         created.append(name)
         return name, prefix
 
+    make.created = created  # type: ignore[attr-defined]
     try:
         yield make
     finally:
-        for name in created:
+        for name in reversed(created):
             with contextlib.suppress(Exception):
                 await any_transport.delete_stream(name)

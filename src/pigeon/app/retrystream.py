@@ -28,6 +28,12 @@ _HOP_HEADERS = (
 )
 
 
+def dedup_id(transport: Transport, msg_id: str) -> str | None:
+    """``msg_id`` where the transport deduplicates by id (a repeat after a crash is then
+    dropped); None where it cannot (RabbitMQ), and consumers' idempotency covers repeats."""
+    return msg_id if transport.capabilities.dedup else None
+
+
 def retry_stream(stream: str, group: str) -> StreamSpec:
     name = f"{stream}-{group}-retry"
     try:
@@ -102,7 +108,11 @@ async def dead_letter(
 
     async def send() -> object:
         return await transport.publish(
-            letter.subject, letter.payload, key=letter.key, headers=letter.headers, msg_id=letter.id
+            letter.subject,
+            letter.payload,
+            key=letter.key,
+            headers=letter.headers,
+            msg_id=dedup_id(transport, letter.id),
         )
 
     if await send() is None:
