@@ -149,3 +149,18 @@ class PayloadEncodeError(PigeonError, TypeError):
 
 class HandlerTimeoutError(PigeonError, TimeoutError):
     """A handler ran past its processing deadline and was cancelled."""
+
+
+class InvalidIdempotencyKeyError(PigeonError, ValueError):
+    """An idempotency key or scope is not text of 1 to 255 characters."""
+
+
+class ClaimInProgressError(PigeonError):
+    """Another consumer holds the message's idempotency claim right now (or crashed within its lease).
+
+    ``retry_after`` is how many seconds remain until that claim expires: nack with that delay.
+    """
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
