@@ -2,7 +2,8 @@
 
 from .base import CallNext, Middleware, compose
 from .correlation import correlation
+from .idempotency import Idempotent
 from .ratelimit import RateLimit
 from .timeout import Timeout
 
-__all__ = ["CallNext", "Middleware", "RateLimit", "Timeout", "compose", "correlation"]
+__all__ = ["CallNext", "Idempotent", "Middleware", "RateLimit", "Timeout", "compose", "correlation"]
