@@ -1,1 +1,4 @@
-"""Reliability patterns built on the Transport contract: idempotency stores, the outbox, dead-letter redrive."""
+"""Reliability patterns built on the Transport contract.
+
+Idempotency stores, the transactional outbox, dead-letter redrive.
+"""
