@@ -404,7 +404,11 @@ class Subscriber:
         headers, copy_id = retrystream.retry_copy(ctx.message, ctx.attempt + 1, delay, error)
         spec = retrystream.retry_stream(self.spec.stream, self.group)
         await self.app.transport.publish(
-            spec.subjects[0], ctx.message.payload, key=ctx.message.key, headers=headers, msg_id=copy_id
+            spec.subjects[0],
+            ctx.message.payload,
+            key=ctx.message.key,
+            headers=headers,
+            msg_id=retrystream.dedup_id(self.app.transport, copy_id),
         )
         ctx.settled = True
         await ctx.received.ack()
