@@ -538,3 +538,23 @@ async def test_the_coordination_bucket_keeps_the_session_timeout_of_the_first_me
     assert info.config.ack_wait == FAST.session_timeout_s / 2
     assert json.loads(info.config.description.split(":", 1)[1])["kind"] == "ordered"  # type: ignore[union-attr]
     await consumer.close()
+
+
+async def test_messages_nacked_just_before_leaving_go_to_the_next_member_at_once(
+    nats_transport: NatsTransport, streams: Streams
+) -> None:
+    # Leaving with a pull request still open on the server used to hand its next message to
+    # an inbox nobody listened on: invisible until ack_wait (here 20 s).
+    name, prefix = await streams.make()
+    for i in range(5):
+        await nats_transport.publish(f"{prefix}.x", b"m%d" % i)
+    for _ in range(6):
+        consumer = await nats_transport.consumer(name, ConsumerSpec("g", ack_wait_s=20))
+        got: list[Received] = []
+        deadline = time.monotonic() + 3
+        while len(got) < 5 and time.monotonic() < deadline:
+            got += await consumer.fetch(10, 1.0)  # asks for more than there is: the request stays open
+        assert len(got) == 5
+        for received in got:
+            await received.nack()
+        await consumer.close()

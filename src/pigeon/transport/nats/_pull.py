@@ -9,6 +9,7 @@ are told apart by the stream named in their ``$JS.ACK`` reply subject.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -114,6 +115,8 @@ class Puller:
         self._inbox = nc.new_inbox()
         self._sub: NatsSub | None = None
         self.deleted = False  # the server said the consumer is gone
+        self._stopping = False
+        self._unsubscribing: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         try:
@@ -124,9 +127,23 @@ class Puller:
             raise TransportClosedError("the NATS connection is closed") from None
 
     async def stop(self) -> None:
-        """Stop receiving. The server drops pull requests whose inbox nobody listens on."""
+        """Stop receiving. Requests still open on the server would hand their messages to
+        an inbox nobody listens on (delivered to no one until ack_wait), so the inbox stays
+        until they end, nak'ing whatever still arrives."""
         sub, self._sub = self._sub, None
-        if sub is not None and not self._nc.is_closed:
+        if sub is None or self._nc.is_closed:
+            return
+        self._stopping = True
+        open_until = max((r.ends for r in self._requests if r is not None), default=0.0)
+        wait = open_until + EXPIRES_MARGIN_S - time.monotonic()
+        if wait > 0:
+            self._unsubscribing = asyncio.create_task(self._unsubscribe(sub, wait))
+        else:
+            await self._unsubscribe(sub, 0.0)
+
+    async def _unsubscribe(self, sub: NatsSub, after: float) -> None:
+        await asyncio.sleep(after)
+        if not self._nc.is_closed:
             try:
                 await sub.unsubscribe()
             except Exception as error:  # the connection is going away anyway
@@ -175,6 +192,10 @@ class Puller:
 
     async def _arrive(self, msg: Msg) -> None:
         reply = msg.reply
+        if reply and self._stopping:
+            with contextlib.suppress(Exception):
+                await msg.nak()  # for the next member, at once
+            return
         if reply:
             meta = parse_ack_subject(reply)
             p = None if meta is None else self._index.get(meta.stream)
