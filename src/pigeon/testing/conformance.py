@@ -415,6 +415,22 @@ class TransportConformance:
         assert letter.headers[Headers.FIRST_FAILURE_AT] <= letter.headers[Headers.LAST_FAILURE_AT]
         await consumer.close()
 
+    async def test_deleting_a_stream_deletes_its_dead_letters(self, transport: Transport) -> None:
+        if not self.has(transport, "dead_letters"):
+            return
+        stream, prefix = await self.stream(transport)
+        consumer = await transport.consumer(stream, ConsumerSpec("g", ack_wait_s=10))
+        await transport.publish(f"{prefix}.x", b"doomed")
+        (received,) = await drain(consumer, 1, ack=False)
+        await received.term("no")
+        assert await eventually(lambda: _has_letters(transport, stream, "g"))
+        await consumer.close()
+        await transport.delete_stream(stream)
+        await transport.create_stream(StreamSpec(stream, (f"{prefix}.>",)))
+        consumer = await transport.consumer(stream, ConsumerSpec("g", ack_wait_s=10))
+        assert await transport.read_dead_letters(stream, "g") == [], "a new stream starts without old letters"
+        await consumer.close()
+
     async def test_replay_from_the_start_and_from_a_time(self, transport: Transport) -> None:
         stream, prefix = await self.stream(transport)
         for i in range(5):
@@ -546,6 +562,10 @@ class TransportConformance:
         got = await drain(consumer, 10)
         assert sorted(int(r.message.payload) for r in got) == list(range(10))
         await consumer.close()
+
+
+async def _has_letters(transport: Transport, stream: str, group: str) -> bool:
+    return bool(await transport.read_dead_letters(stream, group))
 
 
 async def _noop() -> None:

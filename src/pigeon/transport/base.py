@@ -290,7 +290,8 @@ class Transport(ABC):
         """Create the stream; a no-op when it exists with the same subjects and partitions."""
 
     @abstractmethod
-    async def delete_stream(self, name: str) -> None: ...
+    async def delete_stream(self, name: str) -> None:
+        """Delete the stream, its groups and their dead-letter streams."""
 
     @abstractmethod
     async def stream_state(self, name: str) -> StreamState: ...

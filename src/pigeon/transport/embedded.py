@@ -149,7 +149,11 @@ class EmbeddedTransport(Transport):
         )
 
     async def delete_stream(self, name: str) -> None:
+        letters = [f"{name}-{group}-dlq" for group in self.engine.groups(name)]
         await self.engine.delete_stream(name)
+        for letter in letters:
+            if letter in self.engine.streams():
+                await self.engine.delete_stream(letter)
 
     async def stream_state(self, name: str) -> StreamState:
         info = self.engine.stream_info(name)
