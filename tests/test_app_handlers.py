@@ -190,7 +190,10 @@ async def test_a_core_handler_answers_requests(any_transport: Any) -> None:
     async with app:
         await asyncio.sleep(0.1)  # let the subscription reach the broker
         answer = await app.request(subject, Order(1, 4.0), response=dict, timeout=5)
+        raw = await any_transport.request(subject, b'{"id": 2, "amount": 1.0}', timeout=5)
     assert answer == {"price": 8.0}
+    assert raw.payload == b'{"price":2.0}'
+    assert raw.headers[Headers.CAUSATION_ID], "a reply is caused by its request"
 
 
 async def test_middleware_runs_app_level_outside_handler_level(any_transport: Any, make_stream: Any) -> None:

@@ -62,12 +62,19 @@ class Context:
         headers: Mapping[str, str] | None = None,
         msg_id: str | None = None,
     ) -> PubAck | None:
+        return await self.app.publish(
+            subject, value, key=key, headers=self.outgoing_headers(headers), msg_id=msg_id
+        )
+
+    def outgoing_headers(self, headers: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Headers for a message sent while handling this one: what middleware adds
+        (correlation, trace context), then ``headers``."""
         merged = dict(self.publish_headers)
         for hook in self.publish_hooks:
             hook(merged)
         if headers:
             merged.update(headers)
-        return await self.app.publish(subject, value, key=key, headers=merged, msg_id=msg_id)
+        return merged
 
     # -- manual settlement ----------------------------------------------------------------------
 

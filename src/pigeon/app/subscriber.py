@@ -335,7 +335,7 @@ class Subscriber:
             await ctx.publish(self.spec.publish_to, result)
         if ctx.message.headers.get(Headers.REPLY_TO):
             payload, headers = self.app.codec.encode(result)
-            await self.app.transport.reply(ctx.message, payload, headers=headers)
+            await self.app.transport.reply(ctx.message, payload, headers=ctx.outgoing_headers(headers))
 
     async def _succeeded(self, ctx: Context) -> None:
         if ctx.received is None or ctx.settled:

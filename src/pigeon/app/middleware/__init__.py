@@ -6,4 +6,23 @@ from .idempotency import Idempotent
 from .ratelimit import RateLimit
 from .timeout import Timeout
 
-__all__ = ["CallNext", "Idempotent", "Middleware", "RateLimit", "Timeout", "compose", "correlation"]
+
+def __getattr__(name: str) -> object:
+    # Tracing needs the optional OpenTelemetry extra: imported only when asked for.
+    if name == "Tracing":
+        from .tracing import Tracing
+
+        return Tracing
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "CallNext",
+    "Idempotent",
+    "Middleware",
+    "RateLimit",
+    "Timeout",
+    "Tracing",
+    "compose",
+    "correlation",
+]
