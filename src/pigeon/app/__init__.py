@@ -6,6 +6,7 @@ from .context import Context
 from .control import Nack, PoisonMessage, Reject, Retry
 from .flow import Batch, Flow
 from .middleware.base import CallNext, Middleware
+from .redrive import RedrivePolicy
 from .retry import NO_RETRY, RetryPolicy
 from .subscriber import SubscriberSpec
 
@@ -21,6 +22,7 @@ __all__ = [
     "Middleware",
     "Nack",
     "PoisonMessage",
+    "RedrivePolicy",
     "Reject",
     "Retry",
     "RetryPolicy",

@@ -31,6 +31,7 @@ from .flow import Batch, Flow
 from .handler import Handler, HandlerFunc
 from .middleware.base import Middleware
 from .middleware.correlation import correlation
+from .redrive import RedrivePolicy
 from .retry import RetryPolicy
 from .subscriber import AckPolicy, Subscriber, SubscriberSpec
 
@@ -80,6 +81,7 @@ class App:
         ack: AckPolicy = "auto",
         publish_to: str | None = None,
         middleware: Sequence[Middleware] = (),
+        redrive: RedrivePolicy | None = None,
         name: str | None = None,
     ) -> Callable[[HandlerFunc], HandlerFunc]:
         """Register the decorated async function as a handler (see `SubscriberSpec`)."""
@@ -95,6 +97,8 @@ class App:
             validate_subject(publish_to)
         if ack not in ("auto", "manual"):
             raise InvalidHandlerError(f"ack must be 'auto' or 'manual', not {ack!r}")
+        if redrive is not None and group is None:
+            raise InvalidHandlerError("redrive= needs a durable subscriber (stream= and group=)")
         if ack == "manual" and batch is not None:
             raise InvalidHandlerError("batch handlers settle by their return value, not ack='manual'")
 
@@ -117,6 +121,7 @@ class App:
                 ack=ack,
                 publish_to=publish_to,
                 middleware=tuple(middleware),
+                redrive=redrive,
             )
             if timeout is not None:
                 from .middleware.timeout import Timeout

@@ -36,6 +36,7 @@ from .flow import Batch, Flow, InFlight
 from .handler import Handler
 from .middleware.base import CallNext, Middleware, compose
 from .middleware.timeout import Timeout
+from .redrive import RedrivePolicy
 from .retry import RetryPolicy, Strategy
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ class SubscriberSpec:
     ack: AckPolicy = "auto"
     publish_to: str | None = None
     middleware: tuple[Middleware, ...] = ()
+    redrive: RedrivePolicy | None = None
 
     @property
     def durable(self) -> bool:
@@ -98,6 +100,7 @@ class Subscriber:
         self._fetchers: list[asyncio.Task[None]] = []
         self._rewinds: dict[int, int] = {}  # ordered: partition -> how often it was rewound
         self._stopping = False
+        self._stopped = asyncio.Event()
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -143,6 +146,10 @@ class Subscriber:
             )
             self._consumers.append(retry_consumer)
             self._fetchers.append(asyncio.create_task(self._read(retry_consumer, retries=True)))
+        if spec.redrive is not None:
+            self._fetchers.append(
+                asyncio.create_task(spec.redrive.run(transport, spec.stream, spec.group, self._stopped))
+            )
         self._start_lanes()
 
     async def _call(self, ctx: Context) -> Any:
@@ -179,6 +186,7 @@ class Subscriber:
     async def stop(self, deadline: float) -> None:
         """Stop fetching; let handlers finish until ``deadline`` (monotonic); nack the rest; leave."""
         self._stopping = True
+        self._stopped.set()
         await self._wait(self._fetchers, deadline)
         for queue in (self._queue, *self._lanes.values()):
             for _ in range(max(1, self.spec.flow.concurrency)):
