@@ -1005,3 +1005,33 @@ async def test_replay_from_offset_zero_rebuilds_the_same_state(engine: Engine) -
     assert live_state == expected
     assert replay_state == live_state
     assert shared_state == live_state
+
+
+async def test_a_fetch_after_a_nack_pause_ended_yields_to_other_tasks(data_dir: Path) -> None:
+    # A pause already over used to be waited for without yielding: the fetch spun with the
+    # event loop blocked until its timeout, starving the handlers that would settle the batch.
+    engine = await Engine.open(data_dir)
+    try:
+        await engine.create_stream(StreamConfig("s", ("s.>",)))
+        for i in range(3):
+            await engine.publish("s.x", b"%d" % i)
+        group = await engine.ordered_group("s", OrderedGroupConfig("g"))
+        member = await group.join()
+        first = await member.fetch(10, 1.0)
+        await first[0].nack(0.05)
+        await asyncio.sleep(0.1)
+        assert len(await member.fetch(10, 1.0)) == 3  # the rewound batch, now outstanding
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        assert await member.fetch(10, 0.5) == []
+        task.cancel()
+        assert ticks >= 10, f"the event loop ran {ticks} times during a 0.5 s fetch"
+    finally:
+        await engine.close()

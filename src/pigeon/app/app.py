@@ -101,6 +101,13 @@ class App:
             raise InvalidHandlerError("redrive= needs a durable subscriber (stream= and group=)")
         if ack == "manual" and batch is not None:
             raise InvalidHandlerError("batch handlers settle by their return value, not ack='manual'")
+        if batch is not None and group is None:
+            # Batches settle each message through its group; core messages have none (and were
+            # skipped silently).
+            raise InvalidHandlerError("a batch handler needs stream= and group=")
+        if batch is not None and middleware:
+            # A batch call does not go through the middleware chain: refuse rather than ignore it.
+            raise InvalidHandlerError("middleware= does not wrap batch handlers; remove it or drop batch=")
 
         def register(func: HandlerFunc) -> HandlerFunc:
             handler = Handler.of(func, batch=batch is not None)

@@ -17,7 +17,8 @@ from ..errors import InvalidConfigError
 
 
 def _positive(owner: str, name: str, value: object, kind: type | tuple[type, ...] = int) -> None:
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:  # type: ignore[operator]
+    # `not value > 0` also refuses NaN, which no comparison with 0 catches otherwise.
+    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:  # type: ignore[operator]
         raise InvalidConfigError(f"{owner}: {name} must be positive, not {value!r}")
 
 

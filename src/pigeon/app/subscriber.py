@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..errors import InvalidHandlerError, PayloadDecodeError, PigeonError
+from ..errors import HandlerTimeoutError, InvalidHandlerError, PayloadDecodeError, PigeonError
 from ..message import Headers, Message
 from ..subjects import matches
 from ..transport.base import Consumer, ConsumerSpec, GroupKind, Received, StartAt, Subscription
@@ -469,18 +469,22 @@ class Subscriber:
             contexts.append(ctx)
         if not contexts:
             return
+        deadline = asyncio.timeout(self.spec.timeout_s)  # None: no deadline
         try:
-            call = self.handler.call_batch(contexts)
-            if self.spec.timeout_s is not None:
-                outcome = await asyncio.wait_for(call, self.spec.timeout_s)
-            else:
-                outcome = await call
+            async with deadline:
+                outcome = await self.handler.call_batch(contexts)
         except asyncio.CancelledError:
             for ctx in contexts:
                 if ctx.received is not None and not ctx.settled:
                     await self._settle_quietly(ctx.received, "nack")
             raise
         except Exception as error:
+            if isinstance(error, TimeoutError) and deadline.expired():
+                # As the Timeout middleware reports a single handler's: one error type for both.
+                error = HandlerTimeoutError(
+                    f"batch handler {self.name!r} took longer than {self.spec.timeout_s}s "
+                    f"on {len(contexts)} messages"
+                )
             outcome = [error] * len(contexts)
         outcomes = self._outcomes(outcome, len(contexts))
         rewound: set[int] = set()

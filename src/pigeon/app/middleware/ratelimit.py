@@ -17,7 +17,8 @@ from .base import CallNext
 
 class RateLimit:
     def __init__(self, per_second: float, burst: int = 1) -> None:
-        if isinstance(per_second, bool) or not isinstance(per_second, int | float) or per_second <= 0:
+        # `not per_second > 0` also refuses NaN, which no comparison with 0 catches otherwise.
+        if isinstance(per_second, bool) or not isinstance(per_second, int | float) or not per_second > 0:
             raise InvalidConfigError(f"rate limit must be a positive number per second, not {per_second!r}")
         if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
             raise InvalidConfigError(f"rate limit burst must be a positive integer, not {burst!r}")

@@ -21,16 +21,19 @@ class Timeout:
     seconds: float
 
     def __post_init__(self) -> None:
-        if isinstance(self.seconds, bool) or not isinstance(self.seconds, int | float) or self.seconds <= 0:
-            raise InvalidConfigError(f"timeout must be a positive number of seconds, not {self.seconds!r}")
+        seconds = self.seconds
+        # `not seconds > 0` also refuses NaN, which no comparison with 0 catches otherwise.
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
+            raise InvalidConfigError(f"timeout must be a positive number of seconds, not {seconds!r}")
 
     async def __call__(self, ctx: Context, call_next: CallNext) -> Any:
+        deadline = asyncio.timeout(self.seconds)
         try:
-            async with asyncio.timeout(self.seconds):
+            async with deadline:
                 return await call_next(ctx)
-        except TimeoutError as exc:
-            if isinstance(exc, HandlerTimeoutError):
-                raise
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the handler's own (a client library's, an inner deadline's): not ours
             raise HandlerTimeoutError(
                 f"handler {ctx.subscriber.name!r} took longer than {self.seconds}s on {ctx.message!r}"
             ) from None

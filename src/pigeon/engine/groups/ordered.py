@@ -278,9 +278,10 @@ class OrderedGroup(GroupBase):
                 if out:
                     await self._state.flush()  # the deliveries, for counts that survive a crash
                     return out
-                paused = [
-                    self._parts[p].paused_until for p in member.partitions if self._parts[p].paused_until
-                ]
+                # Only pauses still ahead: waiting for one already past would not yield, and the
+                # loop would spin with the event loop blocked until the fetch times out.
+                now = time.monotonic()
+                paused = [until for p in member.partitions if (until := self._parts[p].paused_until) > now]
                 wake_at = min([deadline, *paused])
                 if not await self._wait(wake_at) and time.monotonic() >= deadline:
                     self._check_member(member)

@@ -288,8 +288,14 @@ class OrderedMember(RedisMember):
         keys = [self.lock_keys[p], self.stream_keys[p], self.failures_key, self.pause_keys[p]]
         args: list[Any] = [spec.group, self.token, p, delivery.entry_id, delivery.delivery_count + 1]
         args += [int(delay * 1000), repr(time.time()), *failure_args(error), *(d.entry_id for d in prefix)]
-        self._drop_batch(p)
-        if not await self._run("rewind_ordered", keys, args):
+        # Rewind first, then drop the batch (which wakes the fetcher): a fetch in between
+        # would read the partition from before the rewind.
+        batch.cancelled = True  # nothing settles from it any more
+        try:
+            rewound = await self._run("rewind_ordered", keys, args)
+        finally:
+            self._drop_batch(p)
+        if not rewound:
             self.owned.discard(p)
             raise DeliveryNotOwnedError(f"member {self.name!r} lost partition {p} of {self.ctx.stream!r}")
 
