@@ -1,0 +1,1 @@
+"""pigeon serve: brokers that speak other systems' wire protocols on top of pigeon."""

@@ -1,0 +1,325 @@
+"""NatsServer: listens for NATS clients and routes messages between their subscriptions.
+
+Routing is synchronous: a PUB is delivered (appended to each receiving connection's output
+buffer) before the next operation of the publisher is looked at, so messages from one
+publisher reach each subscriber in publish order. Nothing in the routing path awaits, which
+is also why one slow connection cannot hold others up: it is cut off once its backlog passes
+``max_pending_bytes`` (see :mod:`.connection`).
+
+In-process code (a JetStream layer, system services) plugs in with :meth:`NatsServer.subscribe`
+and :meth:`NatsServer.publish`: an internal subscription receives every message on matching
+subjects, PUB and HPUB alike, as a :class:`Delivery`, counts as a responder for the
+no-responders check, and answers through ``publish(delivery.reply, ...)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import uuid
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from ...errors import InvalidConfigError, TransportClosedError
+from ...subjects import SubjectIndex, validate_subject
+from .connection import ClientConnection
+from .options import ServerOptions
+
+__all__ = ["NATS_COMPAT_VERSION", "Delivery", "NatsServer", "Subscription"]
+
+log = logging.getLogger("pigeon.server.nats")
+
+# Clients gate features on the server version they are told (nats-py reads it for
+# JetStream API choices), so pigeon advertises the nats-server release whose protocol it speaks.
+NATS_COMPAT_VERSION = "2.10.0"
+
+# nats-server's no-responders status, sent to the requester on the reply subject.
+_NO_RESPONDERS = b"NATS/1.0 503\r\nNats-Subject: %b\r\n\r\n"
+_ROUTE_CACHE_SIZE = 4096
+
+
+class Delivery(NamedTuple):
+    """A message as an internal subscription sees it. ``headers`` is the raw block or None."""
+
+    subject: str
+    reply: str | None
+    headers: bytes | None
+    payload: bytes
+
+
+Handler = Callable[[Delivery], None]
+
+
+class Subscription:
+    """One subscription: a client's (``conn`` set) or an internal one (``handler`` set)."""
+
+    __slots__ = ("conn", "delivered", "handler", "max_msgs", "queue", "server", "sid", "subject")
+
+    def __init__(
+        self,
+        server: NatsServer,
+        subject: str,
+        queue: str | None,
+        sid: bytes,
+        conn: ClientConnection | None = None,
+        handler: Handler | None = None,
+    ) -> None:
+        self.server = server
+        self.subject = subject
+        self.queue = queue
+        self.sid = sid
+        self.conn = conn
+        self.handler = handler
+        self.max_msgs: int | None = None
+        self.delivered = 0
+
+    def unsubscribe(self) -> None:
+        """Stop deliveries; calling it again does nothing."""
+        self.server._remove(self)
+
+
+class _Route(NamedTuple):
+    plain: tuple[Subscription, ...]
+    groups: tuple[tuple[Subscription, ...], ...]
+
+
+class NatsServer:
+    """A NATS core protocol server on an asyncio loop. ``async with NatsServer(opts)`` or start/stop."""
+
+    def __init__(self, options: ServerOptions | None = None) -> None:
+        self.options = options or ServerOptions()
+        self.server_id = "N" + uuid.uuid4().hex.upper()
+        self.slow_consumers = 0
+        self._index: SubjectIndex[Subscription] = SubjectIndex(cache_size=0)
+        self._routes: dict[str, _Route] = {}
+        self._turn = 0
+        self._connections: set[ClientConnection] = set()
+        self._next_client_id = 0
+        self._listener: asyncio.Server | None = None
+        self._ssl: ssl.SSLContext | None = None
+        self._info: dict[str, Any] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._listener is not None:
+            raise InvalidConfigError("the server is already started")
+        opts = self.options
+        if opts.tls:
+            self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._ssl.load_cert_chain(str(opts.tls_cert), str(opts.tls_key))
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(
+            lambda: ClientConnection(self), opts.host, opts.port, reuse_address=True
+        )
+        self._info = {
+            "server_id": self.server_id,
+            "server_name": opts.server_name,
+            "version": NATS_COMPAT_VERSION,
+            "proto": 1,
+            "host": opts.host,
+            "port": self.port,
+            "headers": True,
+            "max_payload": opts.max_payload,
+        }
+        if opts.auth_required:
+            self._info["auth_required"] = True
+        if opts.tls:
+            self._info["tls_required"] = True
+            self._info["tls_available"] = True
+
+    async def stop(self) -> None:
+        """Stop listening and close every connection; safe to call twice."""
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        listener.close()
+        for conn in list(self._connections):
+            conn.abort()
+        await listener.wait_closed()
+
+    async def __aenter__(self) -> NatsServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with ``port=0``)."""
+        if self._listener is None or not self._listener.sockets:
+            raise TransportClosedError("the server is not started")
+        port: int = self._listener.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def url(self) -> str:
+        scheme = "tls" if self.options.tls else "nats"
+        return f"{scheme}://{self.options.host}:{self.port}"
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    def advertise(self, **fields: Any) -> None:
+        """Add fields to the INFO sent to clients that connect from now on (e.g. ``jetstream=True``)."""
+        self._info.update(fields)
+
+    # -- in-process API (the hook for JetStream and system services) -----------------------
+
+    def subscribe(self, subject: str, handler: Handler, *, queue: str | None = None) -> Subscription:
+        """Call ``handler`` for each message on ``subject`` (a pattern), synchronously.
+
+        The handler runs inside the publisher's read callback, so it must not block; work
+        that awaits (storing a message, then acking) belongs in a task or queue it feeds,
+        which keeps arrival order if it is one consumer per queue. An exception in the
+        handler is logged and does not reach the publisher.
+        """
+        subscription = Subscription(self, subject, queue, b"", handler=handler)
+        self._add(subscription)
+        return subscription
+
+    def publish(
+        self, subject: str, payload: bytes = b"", *, reply: str | None = None, headers: bytes | None = None
+    ) -> int:
+        """Deliver a message from inside the server; returns how many subscriptions got it.
+
+        ``headers`` is a raw NATS header block (starting ``NATS/1.0``), e.g. a status reply.
+        """
+        validate_subject(subject)
+        data = payload if headers is None else headers + payload
+        return self.route(None, subject.encode(), reply.encode() if reply else b"", len(headers or b""), data)
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def _add(self, subscription: Subscription) -> None:
+        # SubjectIndex validates the pattern and raises InvalidSubjectError.
+        self._index.add(subscription.subject, subscription)
+        self._routes.clear()
+
+    def _add_client_subscription(
+        self, conn: ClientConnection, subject: bytes, queue: bytes, sid: bytes
+    ) -> Subscription:
+        subscription = Subscription(self, subject.decode(), queue.decode() if queue else None, sid, conn=conn)
+        self._add(subscription)
+        return subscription
+
+    def _remove(self, subscription: Subscription) -> None:
+        if self._index.remove(subscription.subject, subscription):
+            self._routes.clear()
+        if subscription.conn is not None:
+            subscription.conn.subs.pop(subscription.sid, None)
+
+    def _route_for(self, subject: str) -> _Route:
+        route = self._routes.get(subject)
+        if route is None:
+            plain: list[Subscription] = []
+            groups: dict[tuple[str, str], list[Subscription]] = {}
+            for subscription in self._index.match(subject):
+                if subscription.queue is None:
+                    plain.append(subscription)
+                else:
+                    groups.setdefault((subscription.subject, subscription.queue), []).append(subscription)
+            route = _Route(tuple(plain), tuple(tuple(members) for members in groups.values()))
+            if len(self._routes) >= _ROUTE_CACHE_SIZE:
+                self._routes.clear()
+            self._routes[subject] = route
+        return route
+
+    def route(
+        self, origin: ClientConnection | None, subject: bytes, reply: bytes, header_size: int, data: bytes
+    ) -> int:
+        """Deliver one message to every matching subscription and one member per queue group.
+
+        Raises InvalidSubjectError (or UnicodeDecodeError) for a subject that is not a
+        valid literal. Returns the number of deliveries.
+        """
+        route = self._route_for(subject.decode())
+        no_echo = origin is not None and not origin.echo
+        delivered = 0
+        pieces = _Pieces(subject, reply, header_size, data)
+        for subscription in route.plain:
+            if no_echo and subscription.conn is origin:
+                continue
+            self._deliver(subscription, pieces)
+            delivered += 1
+        for members in route.groups:
+            self._turn += 1
+            count = len(members)
+            for step in range(count):
+                member = members[(self._turn + step) % count]
+                if not (no_echo and member.conn is origin):
+                    self._deliver(member, pieces)
+                    delivered += 1
+                    break
+        if not delivered and reply and origin is not None and origin.no_responders:
+            self._no_responders(origin, subject, reply)
+        return delivered
+
+    def _deliver(self, subscription: Subscription, pieces: _Pieces) -> None:
+        conn = subscription.conn
+        if conn is not None:
+            conn.send_msg(subscription.sid, pieces)
+        else:
+            assert subscription.handler is not None
+            try:
+                subscription.handler(pieces.delivery())
+            except Exception:
+                log.exception("internal subscription handler for %r failed", subscription.subject)
+        subscription.delivered += 1
+        if subscription.max_msgs is not None and subscription.delivered >= subscription.max_msgs:
+            self._remove(subscription)
+
+    def _no_responders(self, origin: ClientConnection, subject: bytes, reply: bytes) -> None:
+        try:
+            route = self._route_for(reply.decode())
+        except ValueError:  # an invalid reply subject has no subscription to tell
+            return
+        status = _NO_RESPONDERS % subject
+        pieces = _Pieces(reply, b"", len(status), status)
+        for subscription in route.plain + tuple(m for members in route.groups for m in members):
+            if subscription.conn is origin:
+                self._deliver(subscription, pieces)
+
+    # -- connection bookkeeping (used by ClientConnection) ---------------------------------
+
+    def _connected(self, conn: ClientConnection) -> dict[str, Any]:
+        self._connections.add(conn)
+        self._next_client_id += 1
+        return {**self._info, "client_id": self._next_client_id}
+
+    def _disconnected(self, conn: ClientConnection) -> None:
+        self._connections.discard(conn)
+        for subscription in list(conn.subs.values()):
+            self._remove(subscription)
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return self._ssl
+
+
+class _Pieces:
+    """One published message, with the protocol lines built lazily and shared by all receivers."""
+
+    __slots__ = ("_delivery", "data", "header_size", "hmsg_tail", "msg_tail", "payload", "reply", "subject")
+
+    def __init__(self, subject: bytes, reply: bytes, header_size: int, data: bytes) -> None:
+        self.subject = subject
+        self.reply = reply
+        self.header_size = header_size
+        self.data = data
+        self.payload = data[header_size:] if header_size else data
+        space_reply = b" " + reply if reply else b""
+        # "MSG <subject> <sid>" + this tail, and the same for HMSG with both sizes.
+        self.msg_tail = b"%b %d\r\n" % (space_reply, len(self.payload))
+        self.hmsg_tail = b"%b %d %d\r\n" % (space_reply, header_size, len(data)) if header_size else b""
+        self._delivery: Delivery | None = None
+
+    def delivery(self) -> Delivery:
+        if self._delivery is None:
+            headers = self.data[: self.header_size] if self.header_size else None
+            reply = self.reply.decode() if self.reply else None
+            self._delivery = Delivery(self.subject.decode(), reply, headers, self.payload)
+        return self._delivery
