@@ -182,15 +182,30 @@ class NatsServer:
         return subscription
 
     def publish(
-        self, subject: str, payload: bytes = b"", *, reply: str | None = None, headers: bytes | None = None
+        self,
+        subject: str,
+        payload: bytes = b"",
+        *,
+        reply: str | None = None,
+        headers: bytes | None = None,
+        shown_subject: str | None = None,
     ) -> int:
         """Deliver a message from inside the server; returns how many subscriptions got it.
 
         ``headers`` is a raw NATS header block (starting ``NATS/1.0``), e.g. a status reply.
+        ``shown_subject`` is the subject receivers see in place of ``subject``, which then only
+        routes: JetStream hands a stored message to a pull request's inbox under its own subject.
         """
         validate_subject(subject)
         data = payload if headers is None else headers + payload
-        return self.route(None, subject.encode(), reply.encode() if reply else b"", len(headers or b""), data)
+        return self.route(
+            None,
+            subject.encode(),
+            reply.encode() if reply else b"",
+            len(headers or b""),
+            data,
+            shown=shown_subject.encode() if shown_subject else None,
+        )
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -229,17 +244,24 @@ class NatsServer:
         return route
 
     def route(
-        self, origin: ClientConnection | None, subject: bytes, reply: bytes, header_size: int, data: bytes
+        self,
+        origin: ClientConnection | None,
+        subject: bytes,
+        reply: bytes,
+        header_size: int,
+        data: bytes,
+        shown: bytes | None = None,
     ) -> int:
         """Deliver one message to every matching subscription and one member per queue group.
 
         Raises InvalidSubjectError (or UnicodeDecodeError) for a subject that is not a
-        valid literal. Returns the number of deliveries.
+        valid literal. Returns the number of deliveries. ``shown``, when given, is the subject
+        written in the MSG/HMSG lines instead of ``subject`` (see :meth:`publish`).
         """
         route = self._route_for(subject.decode())
         no_echo = origin is not None and not origin.echo
         delivered = 0
-        pieces = _Pieces(subject, reply, header_size, data)
+        pieces = _Pieces(shown or subject, reply, header_size, data)
         for subscription in route.plain:
             if no_echo and subscription.conn is origin:
                 continue

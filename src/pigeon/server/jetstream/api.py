@@ -1,0 +1,444 @@
+"""JetStream on pigeon's NATS server: the ``$JS.API`` requests, stream capture and acks.
+
+Everything that arrives (API requests, publishes to stream subjects, acks) goes through one
+queue read by one task, so a client sees its operations applied in the order it sent them:
+publishes are stored in arrival order and an ack is applied before a later CONSUMER.INFO is
+answered. Pull requests that wait for messages run in their own tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ...engine import Engine, Expect, SharedGroup, StreamConfig
+from ...errors import (
+    ConcurrencyConflictError,
+    GroupExistsError,
+    GroupNotFoundError,
+    InvalidConfigError,
+    MessageTooLargeError,
+    PigeonError,
+    StreamExistsError,
+    StreamNotFoundError,
+    SubjectOverlapError,
+    TransportClosedError,
+)
+from ...subjects import patterns_overlap
+from ..nats import Delivery, NatsServer, Subscription
+from ..nats.protocol import parse_headers
+from . import errors
+from .consumers import PullConsumer, check_consumer_name, group_config_from_json, parse_pull_request
+from .errors import ApiError
+from .streams import check_visible, config_from_json, config_to_json, created_ns, rfc3339, state_json
+
+__all__ = ["JetStream"]
+
+log = logging.getLogger("pigeon.server.jetstream")
+
+_API = "$JS.API."
+_TYPE = "io.nats.jetstream.api.v1."
+_NO_RESPONDERS = b"NATS/1.0 503\r\n\r\n"
+_NAMES_LIMIT = 1024
+_LIST_LIMIT = 256
+
+Json = dict[str, Any]
+_Handler = Callable[[list[str], Delivery], Awaitable[Json | None]]
+
+
+def _request_json(payload: bytes) -> Json:
+    if not payload.strip():
+        return {}
+    try:
+        data = json.loads(payload)
+    except ValueError as error:
+        raise errors.invalid_json(str(error)) from None
+    if not isinstance(data, dict):
+        raise errors.invalid_json("expected an object")
+    return data
+
+
+class JetStream:
+    """The JetStream API of one NatsServer over one Engine. ``await JetStream.attach(server, engine)``."""
+
+    def __init__(self, server: NatsServer, engine: Engine) -> None:
+        self.server = server
+        self.engine = engine
+        self._queue: asyncio.Queue[tuple[str, Delivery]] = asyncio.Queue()
+        self._captures: dict[str, list[Subscription]] = {}
+        self._consumers: dict[tuple[str, str], PullConsumer] = {}
+        self._subscriptions: list[Subscription] = []
+        self._worker: asyncio.Task[None] | None = None
+        self._api_total = 0
+        self._api_errors = 0
+
+    @classmethod
+    async def attach(cls, server: NatsServer, engine: Engine) -> JetStream:
+        """Serve JetStream on ``server`` (started) from ``engine``'s single-partition streams."""
+        try:
+            server.port  # noqa: B018 - raises when the server is not started
+        except TransportClosedError:
+            # start() writes the INFO afresh: what attach advertised before would be lost.
+            raise InvalidConfigError("attach JetStream to a started NatsServer") from None
+        js = cls(server, engine)
+        server.advertise(jetstream=True)
+        js._subscriptions = [
+            server.subscribe(_API + ">", lambda d: js._queue.put_nowait(("api", d))),
+            server.subscribe("$JS.ACK.>", lambda d: js._queue.put_nowait(("ack", d))),
+        ]
+        for name in engine.streams():
+            info = engine.stream_info(name)
+            if len(info.partitions) == 1:
+                js._capture(info.config)
+        js._worker = asyncio.get_running_loop().create_task(js._run())
+        return js
+
+    async def close(self) -> None:
+        """Stop serving; the server and the engine stay open. Idempotent."""
+        for subscription in self._subscriptions + [s for subs in self._captures.values() for s in subs]:
+            subscription.unsubscribe()
+        self._subscriptions, self._captures = [], {}
+        tasks = [t for c in self._consumers.values() for t in c.tasks]
+        if self._worker is not None:
+            tasks.append(self._worker)
+            self._worker = None
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def _capture(self, config: StreamConfig) -> None:
+        self._captures[config.name] = [
+            self.server.subscribe(pattern, lambda d: self._queue.put_nowait(("pub", d)))
+            for pattern in config.subjects
+        ]
+
+    async def _run(self) -> None:
+        handlers: dict[str, Callable[[Delivery], Awaitable[None]]] = {
+            "api": self._api,
+            "ack": self._ack,
+            "pub": self._store,
+        }
+        while True:
+            kind, delivery = await self._queue.get()
+            try:
+                await handlers[kind](delivery)
+            except Exception:
+                log.exception("JetStream failed on %s %r", kind, delivery.subject)
+
+    def _reply(self, reply: str | None, body: Json) -> None:
+        if reply:
+            self.server.publish(reply, json.dumps(body, separators=(",", ":")).encode())
+
+    # -- publishing into streams -----------------------------------------------------------
+
+    async def _store(self, delivery: Delivery) -> None:
+        try:
+            stream = self.engine.stream_for_subject(delivery.subject).name
+        except PigeonError:
+            return  # the stream was deleted while this message was queued
+        headers: dict[str, str] = {}
+        if delivery.headers:
+            headers = dict(parse_headers(delivery.headers)[2])
+        try:
+            ack = await self.engine.publish(
+                delivery.subject,
+                delivery.payload,
+                headers=headers or None,
+                msg_id=headers.get("Nats-Msg-Id") or None,
+                expect=_expectations(stream, headers),
+            )
+        except (ApiError, PigeonError) as error:
+            failure = _store_error(error)
+            self._reply(delivery.reply, {"error": failure.body(), "stream": stream, "seq": 0})
+            return
+        body: Json = {"stream": stream, "seq": ack.offset + 1}
+        if ack.duplicate:
+            body["duplicate"] = True
+        self._reply(delivery.reply, body)
+
+    # -- acks ------------------------------------------------------------------------------
+
+    async def _ack(self, delivery: Delivery) -> None:
+        tokens = delivery.subject.split(".")
+        if len(tokens) != 9 or not (tokens[5].isdigit() and tokens[6].isdigit()):
+            return
+        consumer = self._consumer_or_none(tokens[2], tokens[3])
+        if consumer is not None:
+            await consumer.settle(int(tokens[5]), int(tokens[6]), delivery.payload)
+        if delivery.reply:  # a synchronous ack waits for this empty answer
+            self.server.publish(delivery.reply)
+
+    # -- the API ---------------------------------------------------------------------------
+
+    async def _api(self, delivery: Delivery) -> None:
+        if not delivery.reply:
+            return
+        tokens = delivery.subject[len(_API) :].split(".")
+        route = self._route(tokens)
+        if route is None:
+            return  # nats-server does not answer unknown API subjects either
+        kind, handler = route
+        self._api_total += 1
+        try:
+            body = await handler(tokens, delivery)
+        except ApiError as error:
+            self._api_errors += 1
+            body = {"error": error.body()}
+        if body is not None:
+            self._reply(delivery.reply, {"type": _TYPE + kind + "_response", **body})
+
+    def _route(self, tokens: list[str]) -> tuple[str, _Handler] | None:
+        match tokens:
+            case ["INFO"]:
+                return "account_info", self._account_info
+            case ["STREAM", "CREATE", _]:
+                return "stream_create", self._stream_create
+            case ["STREAM", "INFO", _]:
+                return "stream_info", self._stream_info
+            case ["STREAM", "DELETE", _]:
+                return "stream_delete", self._stream_delete
+            case ["STREAM", "PURGE", _]:
+                return "stream_purge", self._stream_purge
+            case ["STREAM", "NAMES"]:
+                return "stream_names", self._stream_names
+            case ["STREAM", "LIST"]:
+                return "stream_list", self._stream_list
+            case ["CONSUMER", "CREATE", _, *_] | ["CONSUMER", "DURABLE", "CREATE", _, _]:
+                return "consumer_create", self._consumer_create
+            case ["CONSUMER", "INFO", _, _]:
+                return "consumer_info", self._consumer_info
+            case ["CONSUMER", "DELETE", _, _]:
+                return "consumer_delete", self._consumer_delete
+            case ["CONSUMER", "MSG", "NEXT", _, _]:
+                return "consumer_msg_next", self._msg_next
+        return None
+
+    def _visible_streams(self) -> list[str]:
+        return [n for n in self.engine.streams() if len(self.engine.stream_info(n).partitions) == 1]
+
+    def _stream(self, name: str) -> Json:
+        try:
+            info = self.engine.stream_info(name)
+        except (StreamNotFoundError, ValueError):
+            raise errors.stream_not_found() from None
+        check_visible(info)
+        return {
+            "config": config_to_json(info.config),
+            "created": rfc3339(created_ns(info.config)),
+            "state": state_json(self.engine, info),
+            "ts": rfc3339(time.time_ns()),
+        }
+
+    async def _account_info(self, tokens: list[str], delivery: Delivery) -> Json:
+        names = self._visible_streams()
+        return {
+            "memory": 0,
+            "storage": sum(self.engine.stream_info(n).bytes for n in names),
+            "reserved_memory": 0,
+            "reserved_storage": 0,
+            "streams": len(names),
+            "consumers": sum(len(self.engine.groups(n)) for n in names),
+            "limits": {
+                "max_memory": -1,
+                "max_storage": -1,
+                "max_streams": -1,
+                "max_consumers": -1,
+                "max_ack_pending": -1,
+                "memory_max_stream_bytes": -1,
+                "storage_max_stream_bytes": -1,
+                "max_bytes_required": False,
+            },
+            "api": {"level": 0, "total": self._api_total, "errors": self._api_errors},
+        }
+
+    async def _stream_create(self, tokens: list[str], delivery: Delivery) -> Json:
+        name = tokens[2]
+        data = _request_json(delivery.payload)
+        if data.get("name", name) != name:
+            raise errors.stream_name_mismatch()
+        config = config_from_json(name, data, time.time_ns())
+        existed = name in self.engine.streams()
+        try:
+            await self.engine.create_stream(config)
+        except StreamExistsError:
+            raise errors.stream_name_in_use() from None
+        except SubjectOverlapError:
+            raise errors.subjects_overlap() from None
+        if not existed:
+            self._capture(config)
+        # nats-server says did_create only when it did.
+        return self._stream(name) if existed else {**self._stream(name), "did_create": True}
+
+    async def _stream_info(self, tokens: list[str], delivery: Delivery) -> Json:
+        return self._stream(tokens[2])
+
+    async def _stream_delete(self, tokens: list[str], delivery: Delivery) -> Json:
+        name = tokens[2]
+        self._stream(name)
+        for subscription in self._captures.pop(name, []):
+            subscription.unsubscribe()
+        for key in [k for k in self._consumers if k[0] == name]:
+            self._consumers.pop(key).cancel()
+        await self.engine.delete_stream(name)
+        return {"success": True}
+
+    async def _stream_purge(self, tokens: list[str], delivery: Delivery) -> Json:
+        name = tokens[2]
+        if _request_json(delivery.payload):
+            raise errors.not_supported("a partial purge (filter, seq or keep)")
+        purged = self._stream(name)["state"]["messages"]
+        await self.engine.purge_stream(name)
+        return {"success": True, "purged": purged}
+
+    def _page(self, delivery: Delivery, limit: int) -> tuple[list[str], int, int]:
+        data = _request_json(delivery.payload)
+        names = self._visible_streams()
+        subject = data.get("subject")
+        if isinstance(subject, str) and subject:
+            names = [
+                n
+                for n in names
+                if any(patterns_overlap(subject, s) for s in self.engine.stream_info(n).config.subjects)
+            ]
+        offset = data.get("offset", 0)
+        offset = offset if isinstance(offset, int) and offset > 0 else 0
+        return names[offset : offset + limit], len(names), offset
+
+    async def _stream_names(self, tokens: list[str], delivery: Delivery) -> Json:
+        page, total, offset = self._page(delivery, _NAMES_LIMIT)
+        return {"total": total, "offset": offset, "limit": _NAMES_LIMIT, "streams": page}
+
+    async def _stream_list(self, tokens: list[str], delivery: Delivery) -> Json:
+        page, total, offset = self._page(delivery, _LIST_LIMIT)
+        streams = [self._stream(n) for n in page]
+        return {"total": total, "offset": offset, "limit": _LIST_LIMIT, "streams": streams}
+
+    # -- consumers -------------------------------------------------------------------------
+
+    def _consumer_or_none(self, stream: str, name: str) -> PullConsumer | None:
+        consumer = self._consumers.get((stream, name))
+        if consumer is None:
+            # A group made before a restart (or by pigeon's own API): serve it as a consumer.
+            try:
+                group = self.engine.group(stream, name)
+            except (PigeonError, ValueError):
+                return None
+            if not isinstance(group, SharedGroup) or len(group.stream.partitions) != 1:
+                return None
+            consumer = self._consumers[(stream, name)] = PullConsumer(self.server, self.engine, group, 0)
+        return consumer
+
+    def _consumer(self, stream: str, name: str) -> PullConsumer:
+        self._stream(stream)
+        consumer = self._consumer_or_none(stream, name)
+        if consumer is None:
+            raise errors.consumer_not_found()
+        return consumer
+
+    async def _consumer_create(self, tokens: list[str], delivery: Delivery) -> Json:
+        data = _request_json(delivery.payload)
+        config = data.get("config")
+        if not isinstance(config, dict):
+            raise errors.ApiError(400, 10078, "consumer config required")
+        stream = tokens[3] if tokens[1] == "DURABLE" else tokens[2]
+        named = tokens[4] if tokens[1] == "DURABLE" else (tokens[3] if len(tokens) > 3 else None)
+        name = named or config.get("name") or config.get("durable_name")
+        if not isinstance(name, str) or not name:
+            raise errors.not_supported("ephemeral consumers (give the consumer a name)")
+        check_consumer_name(name)
+        self._stream(stream)
+        group_config = group_config_from_json(self.engine, stream, name, config)
+        try:
+            group = await self.engine.shared_group(stream, group_config)
+        except GroupExistsError:
+            raise errors.consumer_exists() from None
+        except ValueError as error:
+            raise errors.bad_request(str(error)) from None
+        if (stream, name) not in self._consumers:
+            self._consumers[(stream, name)] = PullConsumer(self.server, self.engine, group, time.time_ns())
+        return {**self._consumers[(stream, name)].info(), "ts": rfc3339(time.time_ns())}
+
+    async def _consumer_info(self, tokens: list[str], delivery: Delivery) -> Json:
+        return {**self._consumer(tokens[2], tokens[3]).info(), "ts": rfc3339(time.time_ns())}
+
+    async def _consumer_delete(self, tokens: list[str], delivery: Delivery) -> Json:
+        stream, name = tokens[2], tokens[3]
+        consumer = self._consumer(stream, name)
+        consumer.cancel()
+        self._consumers.pop((stream, name), None)
+        try:
+            await self.engine.delete_group(stream, name)
+        except GroupNotFoundError:
+            raise errors.consumer_not_found() from None
+        return {"success": True}
+
+    async def _msg_next(self, tokens: list[str], delivery: Delivery) -> None:
+        assert delivery.reply is not None
+        try:
+            consumer = self._consumer(tokens[3], tokens[4])
+        except ApiError:
+            # nats-server has no responder for a consumer that does not exist.
+            self.server.publish(delivery.reply, headers=_NO_RESPONDERS)
+            return None
+        try:
+            batch, expires, no_wait = parse_pull_request(delivery.payload)
+        except ApiError as error:
+            self.server.publish(
+                delivery.reply, headers=b"NATS/1.0 400 %b\r\n\r\n" % error.description.encode()
+            )
+            return None
+        task = asyncio.get_running_loop().create_task(consumer.pull(delivery.reply, batch, expires, no_wait))
+        consumer.tasks.add(task)
+        task.add_done_callback(_finished(consumer))
+        return None
+
+
+def _finished(consumer: PullConsumer) -> Callable[[asyncio.Task[None]], None]:
+    def done(task: asyncio.Task[None]) -> None:
+        consumer.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The stream or consumer went away under a waiting pull request: it just ends.
+            log.debug("pull request on %s ended: %r", consumer.name, task.exception())
+
+    return done
+
+
+def _store_error(error: ApiError | PigeonError) -> ApiError:
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, ConcurrencyConflictError):
+        return errors.wrong_last_sequence((-1 if error.actual is None else error.actual) + 1)
+    if isinstance(error, MessageTooLargeError):
+        return errors.message_too_large()
+    return errors.store_failed(str(error))  # StreamFullError (discard new) and the like
+
+
+def _expectations(stream: str, headers: dict[str, str]) -> Expect | None:
+    if "Nats-Expected-Last-Msg-Id" in headers:
+        raise errors.not_supported("Nats-Expected-Last-Msg-Id")
+    expected_stream = headers.get("Nats-Expected-Stream")
+    if expected_stream is not None and expected_stream != stream:
+        raise errors.expected_stream_mismatch()
+    last = _sequence(headers.get("Nats-Expected-Last-Sequence"))
+    last_subject = _sequence(headers.get("Nats-Expected-Last-Subject-Sequence"))
+    if last is None and last_subject is None:
+        return None
+    return Expect(
+        last_offset=None if last is None else last - 1,
+        last_subject_offset=None if last_subject is None else last_subject - 1,
+    )
+
+
+def _sequence(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if not text.strip().isdigit():
+        raise errors.bad_request(f"invalid expected sequence {text!r}")
+    return int(text)

@@ -1,0 +1,300 @@
+"""Pull consumers: a JetStream consumer is an engine shared group read by one member.
+
+A pull request (``CONSUMER.MSG.NEXT``) fetches from the group and sends each delivery to the
+request's reply subject under the message's own subject, with an ack subject that carries
+what nats-py reads from it (``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer
+seq>.<timestamp ns>.<pending>``). Acks come back on that subject and settle the delivery.
+
+Consumer sequences and the delivered/ack-floor pointers are kept in memory: after a restart
+the consumer sequence starts again at 1 (stream sequences and the group's progress are durable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import json
+import logging
+import time
+from typing import Any
+
+from ...engine import Engine, SharedGroup, SharedGroupConfig, StartAt
+from ...engine.groups import Delivery
+from ...errors import PigeonError
+from ..nats import NatsServer
+from .errors import ApiError, bad_request, not_supported
+from .streams import rfc3339
+
+__all__ = ["PullConsumer", "check_consumer_name", "group_config_from_json", "parse_pull_request"]
+
+log = logging.getLogger("pigeon.server.jetstream")
+
+_NS = 1_000_000_000
+_NO_MESSAGES = b"NATS/1.0 404 No Messages\r\n\r\n"
+# How long one engine fetch of a pull request without expiry waits before looking again.
+_POLL_S = 5.0
+_MEMBER = "jetstream"
+_UNLIMITED_ACK_PENDING = 2**31 - 1
+
+
+def _int(data: dict[str, Any], field: str, default: int) -> int:
+    value = data.get(field)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(f"{field} must be an integer, not {value!r}")
+    return value
+
+
+def _start_time(text: object) -> float:
+    if not isinstance(text, str):
+        raise bad_request("opt_start_time must be an RFC 3339 time")
+    # RFC 3339 with up to nanoseconds: whole seconds parsed, the fraction added.
+    main, _, rest = text.rstrip("Z").partition(".")
+    try:
+        seconds = calendar.timegm(time.strptime(main, "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        raise bad_request(f"opt_start_time {text!r} is not an RFC 3339 UTC time") from None
+    digits = "".join(c for c in rest if c.isdigit())
+    return seconds + (int(digits) / 10 ** len(digits) if digits else 0.0)
+
+
+def _start(engine: Engine, stream: str, config: dict[str, Any]) -> StartAt:
+    policy = config.get("deliver_policy", "all")
+    if policy == "all":
+        return StartAt.earliest()
+    if policy == "new":
+        return StartAt.latest()
+    if policy == "last":
+        part = engine.stream_info(stream).partitions[0]
+        return StartAt.offset(part.next_offset - 1) if part.messages else StartAt.latest()
+    if policy == "by_start_sequence":
+        return StartAt.offset(max(_int(config, "opt_start_seq", 1), 1) - 1)
+    if policy == "by_start_time":
+        return StartAt.time(_start_time(config.get("opt_start_time")))
+    raise not_supported(f"deliver policy {policy!r}")
+
+
+def group_config_from_json(
+    engine: Engine, stream: str, name: str, config: dict[str, Any]
+) -> SharedGroupConfig:
+    """A consumer configuration as a shared group configuration (raises ApiError)."""
+    if config.get("deliver_subject"):
+        raise not_supported("push consumers (deliver_subject)")
+    if config.get("ack_policy", "explicit") != "explicit":
+        raise not_supported(f"ack policy {config['ack_policy']!r}")
+    if config.get("backoff"):
+        raise not_supported("backoff")
+    if config.get("filter_subjects"):
+        raise not_supported("filter_subjects")
+    filter_subject = config.get("filter_subject")
+    subjects = engine.stream_info(stream).config.subjects
+    if filter_subject not in (None, "", ">") and (filter_subject,) != subjects:
+        raise not_supported("a filter subject narrower than the stream's subjects")
+    max_deliver = _int(config, "max_deliver", -1)
+    max_ack_pending = _int(config, "max_ack_pending", 1000)
+    ack_wait = _int(config, "ack_wait", 0)  # nats-py sends 0 for "the default"
+    try:
+        return SharedGroupConfig(
+            name=name,
+            start=_start(engine, stream, config),
+            ack_wait_s=(ack_wait if ack_wait > 0 else 30 * _NS) / _NS,
+            max_deliver=max_deliver if max_deliver > 0 else None,
+            max_ack_pending=max_ack_pending if max_ack_pending > 0 else _UNLIMITED_ACK_PENDING,
+            # JetStream has no dead letters: a message given up on is only counted as such.
+            dead_letter=False,
+        )
+    except ValueError as error:
+        raise bad_request(str(error)) from None
+
+
+def _policy_json(start: StartAt) -> dict[str, Any]:
+    if start.kind == "earliest":
+        return {"deliver_policy": "all"}
+    if start.kind == "latest":
+        return {"deliver_policy": "new"}
+    if start.kind == "offset":
+        return {"deliver_policy": "by_start_sequence", "opt_start_seq": int(start.value) + 1}
+    return {"deliver_policy": "by_start_time", "opt_start_time": rfc3339(round(start.value * _NS))}
+
+
+def parse_pull_request(payload: bytes) -> tuple[int, float | None, bool]:
+    """(batch, expires in seconds or None, no_wait) of a MSG.NEXT request (raises ApiError)."""
+    text = payload.strip()
+    if not text:
+        return 1, None, False
+    if text.isdigit():
+        return max(int(text), 1), None, False
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise bad_request("invalid pull request") from None
+    if not isinstance(data, dict):
+        raise bad_request("invalid pull request")
+    batch = max(_int(data, "batch", 1), 1)
+    expires = _int(data, "expires", 0)
+    if data.get("max_bytes") or data.get("idle_heartbeat"):
+        raise not_supported("max_bytes and idle_heartbeat in pull requests")
+    return batch, expires / _NS if expires > 0 else None, bool(data.get("no_wait"))
+
+
+def _header_block(headers: dict[str, str]) -> bytes:
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return f"NATS/1.0\r\n{lines}\r\n".encode()
+
+
+class PullConsumer:
+    """One consumer of one stream: the shared group, its member and the deliveries not settled."""
+
+    def __init__(self, server: NatsServer, engine: Engine, group: SharedGroup, created_ns: int) -> None:
+        self.server = server
+        self.engine = engine
+        self.group = group
+        self.stream = group.stream.name
+        self.name = group.name
+        self.created_ns = created_ns
+        self.member = group.member(_MEMBER)
+        self.outstanding: dict[int, Delivery] = {}  # offset -> its current delivery
+        self.consumer_seq = 0
+        self.delivered_stream_seq = 0
+        self.ack_floor_consumer_seq = 0
+        self.waiting = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    # -- pull requests ---------------------------------------------------------------------
+
+    async def pull(self, reply: str, batch: int, expires: float | None, no_wait: bool) -> None:
+        """Serve one pull request: up to ``batch`` messages, then 404 or 408 when short of it.
+
+        With ``expires`` nats-server waits for messages even when ``no_wait`` is set; without
+        either the request waits until it has its batch.
+        """
+        deadline = None if expires is None else time.monotonic() + expires
+        waits = expires is not None or not no_wait
+        left = batch
+        self.waiting += 1
+        try:
+            while left > 0:
+                if not waits:
+                    timeout = 0.0
+                elif deadline is None:
+                    timeout = _POLL_S
+                else:
+                    timeout = max(0.0, deadline - time.monotonic())
+                deliveries = await self.member.fetch(left, timeout)
+                self._send(reply, deliveries)
+                left -= len(deliveries)
+                if left and not waits:
+                    self.server.publish(reply, headers=_NO_MESSAGES)
+                    return
+                if left and deadline is not None and time.monotonic() >= deadline:
+                    status = b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: %d\r\n" % left
+                    self.server.publish(reply, headers=status + b"Nats-Pending-Bytes: 0\r\n\r\n")
+                    return
+        finally:
+            self.waiting -= 1
+
+    def _send(self, reply: str, deliveries: list[Delivery]) -> None:
+        if not deliveries:
+            return
+        pending = self.num_pending()
+        for index, delivery in enumerate(deliveries):
+            message = delivery.message
+            self.consumer_seq += 1
+            stream_seq = delivery.offset + 1
+            self.delivered_stream_seq = max(self.delivered_stream_seq, stream_seq)
+            self.outstanding[delivery.offset] = delivery
+            timestamp_ns = round(message.timestamp * 1_000_000) * 1000
+            ack = (
+                f"$JS.ACK.{self.stream}.{self.name}.{delivery.delivery_count}.{stream_seq}."
+                f"{self.consumer_seq}.{timestamp_ns}.{pending + len(deliveries) - 1 - index}"
+            )
+            headers = message.headers
+            self.server.publish(
+                reply,
+                message.payload,
+                reply=ack,
+                headers=_header_block(headers) if headers else None,
+                shown_subject=message.subject,
+            )
+
+    # -- acks ------------------------------------------------------------------------------
+
+    async def settle(self, stream_seq: int, consumer_seq: int, payload: bytes) -> None:
+        """Apply an ack (+ACK or empty, -NAK [{"delay": ns}], +TERM, +WPI) to a delivery."""
+        offset = stream_seq - 1
+        delivery = self.outstanding.get(offset)
+        if delivery is None:
+            return  # settled already, or delivered before a restart: nothing holds it
+        verb, _, rest = payload.strip().partition(b" ")
+        try:
+            if verb == b"+WPI":
+                await delivery.in_progress()
+                return
+            if verb == b"-NAK":
+                await delivery.nack(_nak_delay(rest))
+            elif verb == b"+TERM":
+                await delivery.term(rest.decode(errors="replace") or None)
+            elif verb in (b"", b"+ACK", b"+NXT"):
+                await delivery.ack()
+            else:
+                return
+        except PigeonError as error:
+            # Its lease expired and it went back to the group: the redelivery is what counts.
+            log.debug("ack of %s seq %d on %s ignored: %s", self.name, stream_seq, self.stream, error)
+        if self.outstanding.get(offset) is delivery:
+            del self.outstanding[offset]
+        if verb != b"-NAK" and offset < self.group.lag()[0].committed:
+            self.ack_floor_consumer_seq = max(self.ack_floor_consumer_seq, consumer_seq)
+
+    # -- observing -------------------------------------------------------------------------
+
+    def num_pending(self) -> int:
+        return self.group.lag()[0].pending
+
+    def info(self) -> dict[str, Any]:
+        config = self.group.config
+        lag = self.group.lag()[0]
+        return {
+            "stream_name": self.stream,
+            "name": self.name,
+            "created": rfc3339(self.created_ns),
+            "config": {
+                "durable_name": self.name,
+                "name": self.name,
+                **_policy_json(config.start),
+                "ack_policy": "explicit",
+                "ack_wait": round(config.ack_wait_s * _NS),
+                "max_deliver": config.max_deliver or -1,
+                "replay_policy": "instant",
+                "max_waiting": 512,
+                "max_ack_pending": config.max_ack_pending,
+                "num_replicas": 0,
+            },
+            "delivered": {"consumer_seq": self.consumer_seq, "stream_seq": self.delivered_stream_seq},
+            "ack_floor": {"consumer_seq": self.ack_floor_consumer_seq, "stream_seq": lag.committed},
+            "num_ack_pending": self.group.ack_pending,
+            "num_redelivered": sum(1 for d in self.outstanding.values() if d.delivery_count > 1),
+            "num_waiting": self.waiting,
+            "num_pending": lag.pending,
+        }
+
+    def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+
+
+def _nak_delay(rest: bytes) -> float | None:
+    if not rest:
+        return None
+    try:
+        data = json.loads(rest)
+    except ValueError:
+        return None
+    delay = data.get("delay") if isinstance(data, dict) else None
+    return delay / _NS if isinstance(delay, int) and not isinstance(delay, bool) and delay > 0 else None
+
+
+def check_consumer_name(name: str) -> None:
+    if not name or any(c in name for c in ".*> \t"):
+        raise ApiError(400, 10103, "durable name can not contain '.', '*', '>'")
