@@ -9,10 +9,12 @@ answered. Pull requests that wait for messages run in their own tasks.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,6 +24,7 @@ from ...errors import (
     GroupExistsError,
     GroupNotFoundError,
     InvalidConfigError,
+    InvalidSubjectError,
     MessageTooLargeError,
     PigeonError,
     StreamExistsError,
@@ -29,12 +32,20 @@ from ...errors import (
     SubjectOverlapError,
     TransportClosedError,
 )
+from ...message import Message
 from ...subjects import patterns_overlap
 from ..nats import Delivery, NatsServer, Subscription
 from ..nats.protocol import parse_headers
 from . import errors
-from .consumers import PullConsumer, check_consumer_name, group_config_from_json, parse_pull_request
+from .consumers import (
+    PullConsumer,
+    check_consumer_name,
+    group_config_from_json,
+    header_block,
+    parse_pull_request,
+)
 from .errors import ApiError
+from .meta import ConsumerMeta, MetaStore
 from .streams import check_visible, config_from_json, config_to_json, created_ns, rfc3339, state_json
 
 __all__ = ["JetStream"]
@@ -46,6 +57,9 @@ _TYPE = "io.nats.jetstream.api.v1."
 _NO_RESPONDERS = b"NATS/1.0 503\r\n\r\n"
 _NAMES_LIMIT = 1024
 _LIST_LIMIT = 256
+_NS = 1_000_000_000
+# nats-server deletes an ephemeral consumer after this long without pull requests.
+_EPHEMERAL_THRESHOLD_S = 5.0
 
 Json = dict[str, Any]
 _Handler = Callable[[list[str], Delivery], Awaitable[Json | None]]
@@ -76,6 +90,7 @@ class JetStream:
         self._worker: asyncio.Task[None] | None = None
         self._api_total = 0
         self._api_errors = 0
+        self._meta = MetaStore(engine.path / "jetstream" / "consumers.json")
 
     @classmethod
     async def attach(cls, server: NatsServer, engine: Engine) -> JetStream:
@@ -95,6 +110,12 @@ class JetStream:
             info = engine.stream_info(name)
             if len(info.partitions) == 1:
                 js._capture(info.config)
+        # Ephemeral consumers do not outlive the server that made them.
+        for (stream, consumer), meta in list(js._meta.entries.items()):
+            if meta.ephemeral:
+                js._meta.drop(stream, consumer)
+                with contextlib.suppress(PigeonError, ValueError):
+                    await engine.delete_group(stream, consumer)
         js._worker = asyncio.get_running_loop().create_task(js._run())
         return js
 
@@ -124,6 +145,7 @@ class JetStream:
             "api": self._api,
             "ack": self._ack,
             "pub": self._store,
+            "reap": self._reap,
         }
         while True:
             kind, delivery = await self._queue.get()
@@ -210,6 +232,16 @@ class JetStream:
                 return "stream_names", self._stream_names
             case ["STREAM", "LIST"]:
                 return "stream_list", self._stream_list
+            case ["STREAM", "UPDATE", _]:
+                return "stream_update", self._stream_update
+            case ["STREAM", "MSG", "GET", _]:
+                return "stream_msg_get", self._msg_get
+            case ["DIRECT", "GET", _, *_]:
+                return "direct_get", self._direct_get
+            case ["CONSUMER", "NAMES", _]:
+                return "consumer_names", self._consumer_names
+            case ["CONSUMER", "LIST", _]:
+                return "consumer_list", self._consumer_list
             case ["CONSUMER", "CREATE", _, *_] | ["CONSUMER", "DURABLE", "CREATE", _, _]:
                 return "consumer_create", self._consumer_create
             case ["CONSUMER", "INFO", _, _]:
@@ -286,6 +318,7 @@ class JetStream:
             subscription.unsubscribe()
         for key in [k for k in self._consumers if k[0] == name]:
             self._consumers.pop(key).cancel()
+        self._meta.drop(name)
         await self.engine.delete_stream(name)
         return {"success": True}
 
@@ -320,6 +353,79 @@ class JetStream:
         streams = [self._stream(n) for n in page]
         return {"total": total, "offset": offset, "limit": _LIST_LIMIT, "streams": streams}
 
+    async def _stream_update(self, tokens: list[str], delivery: Delivery) -> Json:
+        name = tokens[2]
+        data = _request_json(delivery.payload)
+        if data.get("name", name) != name:
+            raise errors.stream_name_mismatch()
+        current = self._stream(name)["config"]
+        if data.get("storage", "file") != "file":
+            raise errors.update_refused("storage type")
+        wanted = config_to_json(config_from_json(name, data, 0))
+        for field, value in wanted.items():
+            if field != "metadata" and current[field] != value:
+                # The engine fixes a stream's settings at creation.
+                raise errors.update_refused(field.replace("_", " "))
+        return self._stream(name)
+
+    def _stored(self, stream: str, data: Json) -> Message:
+        """The message a MSG.GET or DIRECT.GET request asks for (raises ApiError)."""
+        seq, subject = data.get("seq"), data.get("last_by_subj")
+        if isinstance(seq, int) and not isinstance(seq, bool) and seq > 0 and subject is None:
+            found = self.engine.fetch(stream, 0, seq - 1, 1)
+            if found and found[0].offset == seq - 1:
+                return found[0]
+        elif isinstance(subject, str) and seq is None:
+            try:
+                last = self.engine.last_message(stream, subject)
+            except InvalidSubjectError:
+                raise errors.not_supported("a wildcard last_by_subj") from None
+            if last is not None:
+                return last
+        elif set(data) - {"seq", "last_by_subj"}:
+            raise errors.not_supported(f"message get by {sorted(set(data) - {'seq', 'last_by_subj'})}")
+        else:
+            raise errors.bad_request("request requires a sequence or a last_by_subj subject")
+        raise errors.no_message_found()
+
+    async def _msg_get(self, tokens: list[str], delivery: Delivery) -> Json:
+        self._stream(tokens[3])
+        message = self._stored(tokens[3], _request_json(delivery.payload))
+        assert message.offset is not None
+        body: Json = {"subject": message.subject, "seq": message.offset + 1}
+        if message.headers:
+            body["hdrs"] = base64.b64encode(header_block(message.headers)).decode()
+        if message.payload:
+            body["data"] = base64.b64encode(message.payload).decode()
+        body["time"] = rfc3339(_timestamp_ns(message))
+        return {"message": body}
+
+    async def _direct_get(self, tokens: list[str], delivery: Delivery) -> None:
+        assert delivery.reply is not None
+        stream = tokens[2]
+        try:
+            self._stream(stream)
+        except ApiError:
+            # nats-server answers direct gets from a per-stream responder: none for no stream.
+            self.server.publish(delivery.reply, headers=_NO_RESPONDERS)
+            return None
+        data = {"last_by_subj": ".".join(tokens[3:])} if len(tokens) > 3 else _request_json(delivery.payload)
+        try:
+            message = self._stored(stream, data)
+        except ApiError as error:
+            status = b"NATS/1.0 %d %b\r\n\r\n" % (error.code, _direct_status(error).encode())
+            self.server.publish(delivery.reply, headers=status)
+            return None
+        assert message.offset is not None
+        headers = dict(message.headers or {}) | {
+            "Nats-Stream": stream,
+            "Nats-Subject": message.subject,
+            "Nats-Sequence": str(message.offset + 1),
+            "Nats-Time-Stamp": rfc3339(_timestamp_ns(message)),
+        }
+        self.server.publish(delivery.reply, message.payload, headers=header_block(headers))
+        return None
+
     # -- consumers -------------------------------------------------------------------------
 
     def _consumer_or_none(self, stream: str, name: str) -> PullConsumer | None:
@@ -332,7 +438,9 @@ class JetStream:
                 return None
             if not isinstance(group, SharedGroup) or len(group.stream.partitions) != 1:
                 return None
-            consumer = self._consumers[(stream, name)] = PullConsumer(self.server, self.engine, group, 0)
+            meta = self._meta.get(stream, name) or ConsumerMeta()
+            consumer = self._consumers[(stream, name)] = PullConsumer(self.server, self.engine, group, meta)
+            self._watch_inactivity(consumer)
         return consumer
 
     def _consumer(self, stream: str, name: str) -> PullConsumer:
@@ -347,36 +455,104 @@ class JetStream:
         config = data.get("config")
         if not isinstance(config, dict):
             raise errors.ApiError(400, 10078, "consumer config required")
-        stream = tokens[3] if tokens[1] == "DURABLE" else tokens[2]
-        named = tokens[4] if tokens[1] == "DURABLE" else (tokens[3] if len(tokens) > 3 else None)
-        name = named or config.get("name") or config.get("durable_name")
-        if not isinstance(name, str) or not name:
-            raise errors.not_supported("ephemeral consumers (give the consumer a name)")
+        durable_api = tokens[1] == "DURABLE"
+        stream = tokens[3] if durable_api else tokens[2]
+        named = tokens[4] if durable_api else (tokens[3] if len(tokens) > 3 else None)
+        if not durable_api and named is None and config.get("durable_name"):
+            raise errors.ApiError(
+                400, 10020, "consumer expected to be ephemeral but a durable name was set in request"
+            )
+        if not durable_api and len(tokens) > 4 and ".".join(tokens[4:]) != config.get("filter_subject"):
+            raise errors.ApiError(
+                400, 10131, "Consumer create request did not match filtered subject from create subject"
+            )
+        name = named or config.get("name") or config.get("durable_name") or _generated_name()
+        if not isinstance(name, str):
+            raise errors.bad_request("the consumer name must be a string")
         check_consumer_name(name)
         self._stream(stream)
-        group_config = group_config_from_json(self.engine, stream, name, config)
+        group_config, filters = group_config_from_json(self.engine, stream, name, config)
+        ephemeral = not durable_api and not config.get("durable_name")
+        threshold_ns = config.get("inactive_threshold") or 0
+        if not isinstance(threshold_ns, int) or threshold_ns < 0:
+            raise errors.bad_request("inactive_threshold must be a duration in nanoseconds")
+        threshold = threshold_ns / _NS if threshold_ns else (_EPHEMERAL_THRESHOLD_S if ephemeral else None)
+        meta = ConsumerMeta(filters, ephemeral, threshold, time.time_ns())
+        known = self._meta.get(stream, name)
+        if known is not None and (known.filters, known.ephemeral) != (filters, ephemeral):
+            raise errors.consumer_exists()
         try:
             group = await self.engine.shared_group(stream, group_config)
         except GroupExistsError:
             raise errors.consumer_exists() from None
         except ValueError as error:
             raise errors.bad_request(str(error)) from None
+        if known is None:
+            self._meta.put(stream, name, meta)
         if (stream, name) not in self._consumers:
-            self._consumers[(stream, name)] = PullConsumer(self.server, self.engine, group, time.time_ns())
+            consumer = PullConsumer(self.server, self.engine, group, known or meta)
+            self._consumers[(stream, name)] = consumer
+            self._watch_inactivity(consumer)
         return {**self._consumers[(stream, name)].info(), "ts": rfc3339(time.time_ns())}
+
+    def _watch_inactivity(self, consumer: PullConsumer) -> None:
+        threshold = consumer.meta.inactive_threshold_s
+        if threshold is None:
+            return
+
+        async def watch() -> None:
+            while True:
+                idle = consumer.idle_s()
+                if idle >= threshold:
+                    break
+                await asyncio.sleep(threshold - idle)
+            # Deleted by the worker, in turn with the requests that may be using it.
+            self._queue.put_nowait(("reap", Delivery(f"{consumer.stream}.{consumer.name}", None, None, b"")))
+
+        task = asyncio.get_running_loop().create_task(watch())
+        consumer.tasks.add(task)
+        task.add_done_callback(_finished(consumer))
+
+    async def _reap(self, delivery: Delivery) -> None:
+        stream, name = delivery.subject.split(".", 1)  # stream names hold no "."
+        consumer = self._consumers.get((stream, name))
+        if consumer is None:
+            return
+        if consumer.idle_s() < (consumer.meta.inactive_threshold_s or 0):
+            self._watch_inactivity(consumer)  # a pull request came meanwhile
+            return
+        await self._delete_consumer(consumer)
+
+    async def _delete_consumer(self, consumer: PullConsumer) -> None:
+        consumer.cancel()
+        self._consumers.pop((consumer.stream, consumer.name), None)
+        self._meta.drop(consumer.stream, consumer.name)
+        with contextlib.suppress(GroupNotFoundError):
+            await self.engine.delete_group(consumer.stream, consumer.name)
+
+    def _consumer_page(self, stream: str, delivery: Delivery, limit: int) -> tuple[list[PullConsumer], Json]:
+        self._stream(stream)
+        data = _request_json(delivery.payload)
+        offset = data.get("offset", 0)
+        offset = offset if isinstance(offset, int) and not isinstance(offset, bool) and offset > 0 else 0
+        found = [self._consumer_or_none(stream, name) for name in self.engine.groups(stream)]
+        consumers = sorted((c for c in found if c is not None), key=lambda c: c.name)
+        return consumers[offset : offset + limit], {"total": len(consumers), "offset": offset, "limit": limit}
+
+    async def _consumer_names(self, tokens: list[str], delivery: Delivery) -> Json:
+        page, body = self._consumer_page(tokens[2], delivery, _NAMES_LIMIT)
+        return {**body, "consumers": [c.name for c in page]}
+
+    async def _consumer_list(self, tokens: list[str], delivery: Delivery) -> Json:
+        page, body = self._consumer_page(tokens[2], delivery, _LIST_LIMIT)
+        now = rfc3339(time.time_ns())
+        return {**body, "consumers": [{**c.info(), "ts": now} for c in page]}
 
     async def _consumer_info(self, tokens: list[str], delivery: Delivery) -> Json:
         return {**self._consumer(tokens[2], tokens[3]).info(), "ts": rfc3339(time.time_ns())}
 
     async def _consumer_delete(self, tokens: list[str], delivery: Delivery) -> Json:
-        stream, name = tokens[2], tokens[3]
-        consumer = self._consumer(stream, name)
-        consumer.cancel()
-        self._consumers.pop((stream, name), None)
-        try:
-            await self.engine.delete_group(stream, name)
-        except GroupNotFoundError:
-            raise errors.consumer_not_found() from None
+        await self._delete_consumer(self._consumer(tokens[2], tokens[3]))
         return {"success": True}
 
     async def _msg_next(self, tokens: list[str], delivery: Delivery) -> None:
@@ -398,6 +574,18 @@ class JetStream:
         consumer.tasks.add(task)
         task.add_done_callback(_finished(consumer))
         return None
+
+
+def _timestamp_ns(message: Message) -> int:
+    return round(message.timestamp * 1_000_000) * 1000
+
+
+def _direct_status(error: ApiError) -> str:
+    return "Message Not Found" if error.code == 404 else error.description
+
+
+def _generated_name() -> str:
+    return uuid.uuid4().hex[:8].upper()
 
 
 def _finished(consumer: PullConsumer) -> Callable[[asyncio.Task[None]], None]:

@@ -18,14 +18,22 @@ import logging
 import time
 from typing import Any
 
-from ...engine import Engine, SharedGroup, SharedGroupConfig, StartAt
+from ...engine import Backoff, Engine, SharedGroup, SharedGroupConfig, StartAt
 from ...engine.groups import Delivery
-from ...errors import PigeonError
+from ...errors import InvalidSubjectError, PigeonError
+from ...subjects import matches, patterns_overlap, validate_pattern
 from ..nats import NatsServer
 from .errors import ApiError, bad_request, not_supported
+from .meta import ConsumerMeta
 from .streams import rfc3339
 
-__all__ = ["PullConsumer", "check_consumer_name", "group_config_from_json", "parse_pull_request"]
+__all__ = [
+    "PullConsumer",
+    "check_consumer_name",
+    "group_config_from_json",
+    "header_block",
+    "parse_pull_request",
+]
 
 log = logging.getLogger("pigeon.server.jetstream")
 
@@ -35,6 +43,7 @@ _NO_MESSAGES = b"NATS/1.0 404 No Messages\r\n\r\n"
 _POLL_S = 5.0
 _MEMBER = "jetstream"
 _UNLIMITED_ACK_PENDING = 2**31 - 1
+_SCAN_BATCH = 1000
 
 
 def _int(data: dict[str, Any], field: str, default: int) -> int:
@@ -75,37 +84,79 @@ def _start(engine: Engine, stream: str, config: dict[str, Any]) -> StartAt:
     raise not_supported(f"deliver policy {policy!r}")
 
 
+def _filters(engine: Engine, stream: str, config: dict[str, Any]) -> tuple[str, ...]:
+    """The consumer's filter subjects, () for the whole stream (raises ApiError).
+
+    As nats-server 2.15 does, a filter outside the stream's subjects is accepted (it simply
+    matches nothing); the filters must not overlap one another.
+    """
+    single = config.get("filter_subject") or None
+    many = config.get("filter_subjects") or []
+    if single is not None and many:
+        raise ApiError(400, 10136, "consumer cannot have both FilterSubject and FilterSubjects specified")
+    filters = [single] if single is not None else many
+    if not isinstance(filters, list) or not all(isinstance(f, str) for f in filters):
+        raise bad_request("filter_subjects must be a list of subjects")
+    for pattern in filters:
+        try:
+            validate_pattern(pattern)
+        except InvalidSubjectError:
+            raise ApiError(500, 10052, "invalid subject") from None
+    for i, pattern in enumerate(filters):
+        if any(patterns_overlap(pattern, other) for other in filters[i + 1 :]):
+            raise ApiError(400, 10138, "consumer subject filters cannot overlap")
+    subjects = engine.stream_info(stream).config.subjects
+    if filters == [">"] or sorted(filters) == sorted(subjects):
+        return ()  # the whole stream: nothing to skip
+    return tuple(filters)
+
+
+def _backoff(config: dict[str, Any], max_deliver: int) -> tuple[float, Backoff | None]:
+    """(ack_wait_s, Backoff) for a ``backoff`` list of nanoseconds (raises ApiError).
+
+    In nats-server the n-th delivery's ack wait is ``backoff[n-1]`` (the last repeating); the
+    engine waits ``ack_wait_s`` and then ``delays_s[n-1]``, so ack_wait_s is the first step and
+    each delay is its step minus the first (a step shorter than the first cannot be kept).
+    """
+    steps = config.get("backoff") or []
+    if not isinstance(steps, list) or not all(type(s) is int and s > 0 for s in steps):
+        raise bad_request("backoff must be a list of positive durations in nanoseconds")
+    ack_wait = _int(config, "ack_wait", 0)  # nats-py sends 0 for "the default"
+    if not steps:
+        return (ack_wait if ack_wait > 0 else 30 * _NS) / _NS, None
+    # nats-server's actual rule, whatever its message says: refused only below the length.
+    if 0 < max_deliver < len(steps):
+        raise ApiError(400, 10116, "max deliver is required to be > length of backoff values")
+    first = steps[0] / _NS
+    return first, Backoff(delays_s=tuple(max(0.0, s / _NS - first) for s in steps))
+
+
 def group_config_from_json(
     engine: Engine, stream: str, name: str, config: dict[str, Any]
-) -> SharedGroupConfig:
-    """A consumer configuration as a shared group configuration (raises ApiError)."""
+) -> tuple[SharedGroupConfig, tuple[str, ...]]:
+    """A consumer configuration as a shared group configuration and filters (raises ApiError)."""
     if config.get("deliver_subject"):
         raise not_supported("push consumers (deliver_subject)")
     if config.get("ack_policy", "explicit") != "explicit":
         raise not_supported(f"ack policy {config['ack_policy']!r}")
-    if config.get("backoff"):
-        raise not_supported("backoff")
-    if config.get("filter_subjects"):
-        raise not_supported("filter_subjects")
-    filter_subject = config.get("filter_subject")
-    subjects = engine.stream_info(stream).config.subjects
-    if filter_subject not in (None, "", ">") and (filter_subject,) != subjects:
-        raise not_supported("a filter subject narrower than the stream's subjects")
+    filters = _filters(engine, stream, config)
     max_deliver = _int(config, "max_deliver", -1)
     max_ack_pending = _int(config, "max_ack_pending", 1000)
-    ack_wait = _int(config, "ack_wait", 0)  # nats-py sends 0 for "the default"
+    ack_wait_s, backoff = _backoff(config, max_deliver)
     try:
-        return SharedGroupConfig(
+        group = SharedGroupConfig(
             name=name,
             start=_start(engine, stream, config),
-            ack_wait_s=(ack_wait if ack_wait > 0 else 30 * _NS) / _NS,
+            ack_wait_s=ack_wait_s,
             max_deliver=max_deliver if max_deliver > 0 else None,
+            backoff=backoff,
             max_ack_pending=max_ack_pending if max_ack_pending > 0 else _UNLIMITED_ACK_PENDING,
             # JetStream has no dead letters: a message given up on is only counted as such.
             dead_letter=False,
         )
     except ValueError as error:
         raise bad_request(str(error)) from None
+    return group, filters
 
 
 def _policy_json(start: StartAt) -> dict[str, Any]:
@@ -138,7 +189,7 @@ def parse_pull_request(payload: bytes) -> tuple[int, float | None, bool]:
     return batch, expires / _NS if expires > 0 else None, bool(data.get("no_wait"))
 
 
-def _header_block(headers: dict[str, str]) -> bytes:
+def header_block(headers: dict[str, str]) -> bytes:
     lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     return f"NATS/1.0\r\n{lines}\r\n".encode()
 
@@ -146,13 +197,16 @@ def _header_block(headers: dict[str, str]) -> bytes:
 class PullConsumer:
     """One consumer of one stream: the shared group, its member and the deliveries not settled."""
 
-    def __init__(self, server: NatsServer, engine: Engine, group: SharedGroup, created_ns: int) -> None:
+    def __init__(self, server: NatsServer, engine: Engine, group: SharedGroup, meta: ConsumerMeta) -> None:
         self.server = server
         self.engine = engine
         self.group = group
         self.stream = group.stream.name
         self.name = group.name
-        self.created_ns = created_ns
+        self.meta = meta
+        # Offsets below this were fetched (delivered, or skipped by the filters) at least once.
+        self.fetched_to = 0
+        self.last_active = time.monotonic()
         self.member = group.member(_MEMBER)
         self.outstanding: dict[int, Delivery] = {}  # offset -> its current delivery
         self.consumer_seq = 0
@@ -173,6 +227,7 @@ class PullConsumer:
         waits = expires is not None or not no_wait
         left = batch
         self.waiting += 1
+        self.last_active = time.monotonic()
         try:
             while left > 0:
                 if not waits:
@@ -182,9 +237,10 @@ class PullConsumer:
                 else:
                     timeout = max(0.0, deadline - time.monotonic())
                 deliveries = await self.member.fetch(left, timeout)
-                self._send(reply, deliveries)
-                left -= len(deliveries)
-                if left and not waits:
+                wanted = await self._skip_filtered(deliveries)
+                self._send(reply, wanted)
+                left -= len(wanted)
+                if left and not waits and len(wanted) == len(deliveries):
                     self.server.publish(reply, headers=_NO_MESSAGES)
                     return
                 if left and deadline is not None and time.monotonic() >= deadline:
@@ -193,6 +249,23 @@ class PullConsumer:
                     return
         finally:
             self.waiting -= 1
+            self.last_active = time.monotonic()
+
+    def idle_s(self) -> float:
+        """Seconds without a pull request waiting or arriving (what ``inactive_threshold`` measures)."""
+        return 0.0 if self.waiting else time.monotonic() - self.last_active
+
+    def _wanted(self, subject: str) -> bool:
+        return not self.meta.filters or any(matches(f, subject) for f in self.meta.filters)
+
+    async def _skip_filtered(self, deliveries: list[Delivery]) -> list[Delivery]:
+        """The deliveries the filters let through; the others are acked unseen."""
+        if deliveries:
+            self.fetched_to = max(self.fetched_to, deliveries[-1].offset + 1)
+        wanted = [d for d in deliveries if self._wanted(d.message.subject)]
+        if len(wanted) < len(deliveries):
+            await self.member.ack_batch([d for d in deliveries if not self._wanted(d.message.subject)])
+        return wanted
 
     def _send(self, reply: str, deliveries: list[Delivery]) -> None:
         if not deliveries:
@@ -214,7 +287,7 @@ class PullConsumer:
                 reply,
                 message.payload,
                 reply=ack,
-                headers=_header_block(headers) if headers else None,
+                headers=header_block(headers) if headers else None,
                 shown_subject=message.subject,
             )
 
@@ -250,34 +323,60 @@ class PullConsumer:
     # -- observing -------------------------------------------------------------------------
 
     def num_pending(self) -> int:
-        return self.group.lag()[0].pending
+        """Messages not delivered yet; with filters, only those they let through (counted by a scan)."""
+        lag = self.group.lag()[0]
+        if not self.meta.filters:
+            return lag.pending
+        # Past both the group's floor and what was fetched, nothing was delivered or skipped.
+        offset, count = max(lag.committed, self.fetched_to), 0
+        while offset < lag.head:
+            messages = self.engine.fetch(self.stream, 0, offset, _SCAN_BATCH)
+            if not messages:
+                break
+            count += sum(1 for m in messages if self._wanted(m.subject))
+            last = messages[-1].offset
+            assert last is not None  # a stored message knows its offset
+            offset = last + 1
+        return count
 
     def info(self) -> dict[str, Any]:
-        config = self.group.config
         lag = self.group.lag()[0]
         return {
             "stream_name": self.stream,
             "name": self.name,
-            "created": rfc3339(self.created_ns),
-            "config": {
-                "durable_name": self.name,
-                "name": self.name,
-                **_policy_json(config.start),
-                "ack_policy": "explicit",
-                "ack_wait": round(config.ack_wait_s * _NS),
-                "max_deliver": config.max_deliver or -1,
-                "replay_policy": "instant",
-                "max_waiting": 512,
-                "max_ack_pending": config.max_ack_pending,
-                "num_replicas": 0,
-            },
+            "created": rfc3339(self.meta.created_ns),
+            "config": self.config_json(),
             "delivered": {"consumer_seq": self.consumer_seq, "stream_seq": self.delivered_stream_seq},
             "ack_floor": {"consumer_seq": self.ack_floor_consumer_seq, "stream_seq": lag.committed},
             "num_ack_pending": self.group.ack_pending,
             "num_redelivered": sum(1 for d in self.outstanding.values() if d.delivery_count > 1),
             "num_waiting": self.waiting,
-            "num_pending": lag.pending,
+            "num_pending": self.num_pending(),
         }
+
+    def config_json(self) -> dict[str, Any]:
+        config, meta = self.group.config, self.meta
+        out: dict[str, Any] = {} if meta.ephemeral else {"durable_name": self.name}
+        out |= {
+            "name": self.name,
+            **_policy_json(config.start),
+            "ack_policy": "explicit",
+            "ack_wait": round(config.ack_wait_s * _NS),
+            "max_deliver": config.max_deliver or -1,
+            "replay_policy": "instant",
+            "max_waiting": 512,
+            "max_ack_pending": config.max_ack_pending,
+            "num_replicas": 0,
+        }
+        if len(meta.filters) == 1:
+            out["filter_subject"] = meta.filters[0]
+        elif meta.filters:
+            out["filter_subjects"] = list(meta.filters)
+        if config.backoff is not None:
+            out["backoff"] = [round((config.ack_wait_s + d) * _NS) for d in config.backoff.delays_s]
+        if meta.inactive_threshold_s is not None:
+            out["inactive_threshold"] = round(meta.inactive_threshold_s * _NS)
+        return out
 
     def cancel(self) -> None:
         for task in self.tasks:

@@ -17,6 +17,7 @@ __all__ = [
     "expected_stream_mismatch",
     "invalid_json",
     "message_too_large",
+    "no_message_found",
     "not_supported",
     "store_failed",
     "stream_config_invalid",
@@ -24,6 +25,7 @@ __all__ = [
     "stream_name_mismatch",
     "stream_not_found",
     "subjects_overlap",
+    "update_refused",
     "wrong_last_sequence",
 ]
 
@@ -96,3 +98,11 @@ def message_too_large() -> ApiError:
 
 def store_failed(detail: str) -> ApiError:
     return ApiError(503, 10077, detail)
+
+
+def no_message_found() -> ApiError:
+    return ApiError(404, 10037, "no message found")
+
+
+def update_refused(what: str) -> ApiError:
+    return ApiError(500, 10052, f"stream configuration update can not change {what}")

@@ -103,7 +103,8 @@ def config_to_json(config: StreamConfig) -> dict[str, Any]:
         "num_replicas": 1,
         "duplicate_window": round(config.dedup_window_s * _NS),
         "compression": "none",
-        "allow_direct": False,
+        # pigeon answers DIRECT.GET on every stream.
+        "allow_direct": True,
         "mirror_direct": False,
         "sealed": False,
         "deny_delete": False,

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from ...errors import InvalidConfigError, TransportClosedError
+from ...errors import InvalidConfigError, InvalidSubjectError, TransportClosedError
 from ...subjects import SubjectIndex, validate_subject
 from .connection import ClientConnection
 from .options import ServerOptions
@@ -92,6 +92,9 @@ class NatsServer:
         self.server_id = "N" + uuid.uuid4().hex.upper()
         self.slow_consumers = 0
         self._index: SubjectIndex[Subscription] = SubjectIndex(cache_size=0)
+        # Every subscription, for the rare publish subject with wildcard tokens, which the
+        # index (literal subjects only) cannot answer.
+        self._all: set[Subscription] = set()
         self._routes: dict[str, _Route] = {}
         self._turn = 0
         self._connections: set[ClientConnection] = set()
@@ -212,6 +215,7 @@ class NatsServer:
     def _add(self, subscription: Subscription) -> None:
         # SubjectIndex validates the pattern and raises InvalidSubjectError.
         self._index.add(subscription.subject, subscription)
+        self._all.add(subscription)
         self._routes.clear()
 
     def _add_client_subscription(
@@ -224,6 +228,7 @@ class NatsServer:
     def _remove(self, subscription: Subscription) -> None:
         if self._index.remove(subscription.subject, subscription):
             self._routes.clear()
+        self._all.discard(subscription)
         if subscription.conn is not None:
             subscription.conn.subs.pop(subscription.sid, None)
 
@@ -232,7 +237,7 @@ class NatsServer:
         if route is None:
             plain: list[Subscription] = []
             groups: dict[tuple[str, str], list[Subscription]] = {}
-            for subscription in self._index.match(subject):
+            for subscription in self._match(subject):
                 if subscription.queue is None:
                     plain.append(subscription)
                 else:
@@ -242,6 +247,13 @@ class NatsServer:
                 self._routes.clear()
             self._routes[subject] = route
         return route
+
+    def _match(self, subject: str) -> tuple[Subscription, ...]:
+        try:
+            return self._index.match(subject)
+        except InvalidSubjectError:
+            tokens = _wildcard_subject_tokens(subject)
+        return tuple(s for s in self._all if _literal_match(s.subject.split("."), tokens))
 
     def route(
         self,
@@ -254,9 +266,12 @@ class NatsServer:
     ) -> int:
         """Deliver one message to every matching subscription and one member per queue group.
 
-        Raises InvalidSubjectError (or UnicodeDecodeError) for a subject that is not a
-        valid literal. Returns the number of deliveries. ``shown``, when given, is the subject
-        written in the MSG/HMSG lines instead of ``subject`` (see :meth:`publish`).
+        A subject with ``*`` or ``>`` tokens is routed literally, as nats-server does: those
+        tokens match the same token or a wildcard of a subscription (JetStream API subjects
+        embed filters this way). Raises InvalidSubjectError (or UnicodeDecodeError) for
+        anything else that is not a valid subject (empty tokens, whitespace). Returns the
+        number of deliveries. ``shown``, when given, is the subject written in the MSG/HMSG
+        lines instead of ``subject`` (see :meth:`publish`).
         """
         route = self._route_for(subject.decode())
         no_echo = origin is not None and not origin.echo
@@ -320,6 +335,22 @@ class NatsServer:
     @property
     def ssl_context(self) -> ssl.SSLContext | None:
         return self._ssl
+
+
+def _wildcard_subject_tokens(subject: str) -> list[str]:
+    """The tokens of a publish subject whose wildcards are plain tokens; raises if still invalid."""
+    # Same-length stand-ins keep every other rule (token shape, whitespace, byte limit) checked.
+    validate_subject(subject.replace("*", "_").replace(">", "_"))
+    return subject.split(".")
+
+
+def _literal_match(pattern: list[str], subject: list[str]) -> bool:
+    for i, token in enumerate(pattern):
+        if token == ">":
+            return len(subject) > i
+        if i >= len(subject) or (token != "*" and token != subject[i]):
+            return False
+    return len(pattern) == len(subject)
 
 
 class _Pieces:

@@ -1,0 +1,5 @@
+"""The ``pigeon`` command line. ``main`` is the console script's entry point."""
+
+from .app import app, main
+
+__all__ = ["app", "main"]

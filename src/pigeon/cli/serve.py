@@ -1,0 +1,37 @@
+"""``pigeon serve``: run the NATS server (with JetStream) over a data folder."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import PigeonError
+from ..server.http import DEFAULT_HTTP_PORT
+from ..server.nats import DEFAULT_PORT
+from ..server.serve import ServeOptions, run
+
+__all__ = ["serve"]
+
+
+def serve(
+    data: Annotated[Path, typer.Option(help="The data folder (created if missing).")] = Path("pigeon-data"),
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="NATS client port (0 picks a free one).")
+    ] = DEFAULT_PORT,
+    http_port: Annotated[
+        int, typer.Option(min=0, max=65535, help="HTTP port for /healthz (0 picks a free one).")
+    ] = DEFAULT_HTTP_PORT,
+    host: Annotated[str, typer.Option(help="The address both servers listen on.")] = "127.0.0.1",
+) -> None:
+    """Serve the data folder to NATS clients (core and JetStream) until SIGTERM or SIGINT."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = ServeOptions(data=data, host=host, port=port, http_port=http_port)
+    try:
+        asyncio.run(run(options))
+    except (PigeonError, OSError) as error:
+        typer.echo(f"pigeon serve: {error}", err=True)
+        raise typer.Exit(1) from None

@@ -1,0 +1,92 @@
+"""``pigeon serve``: the engine behind the NATS protocol (with JetStream) and a small HTTP side.
+
+:func:`run` opens the data folder, starts everything, waits for SIGTERM or SIGINT and stops in
+order: no new connections or requests, then the JetStream layer and every client connection,
+then the engine, which flushes and releases the folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..engine import Engine
+from ..errors import InvalidConfigError
+from .http import DEFAULT_HTTP_PORT, HttpServer, create_app
+from .jetstream import JetStream
+from .nats import DEFAULT_PORT, NatsServer, ServerOptions
+
+__all__ = ["Running", "ServeOptions", "run", "running"]
+
+log = logging.getLogger("pigeon.serve")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    data: Path = Path("pigeon-data")
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    http_port: int = DEFAULT_HTTP_PORT
+
+
+@dataclass(frozen=True)
+class Running:
+    engine: Engine
+    nats: NatsServer
+    jetstream: JetStream
+    http: HttpServer
+
+
+@contextlib.asynccontextmanager
+async def running(options: ServeOptions) -> AsyncIterator[Running]:
+    """Everything started, yielded, then stopped in order (also when starting fails halfway)."""
+    async with contextlib.AsyncExitStack() as stack:
+        engine = await Engine.open(options.data)
+        stack.push_async_callback(engine.close)
+        nats = NatsServer(ServerOptions(host=options.host, port=options.port))
+        try:
+            await nats.start()
+        except OSError as error:
+            raise _listen_error("NATS clients", options.host, options.port, error) from None
+        stack.push_async_callback(nats.stop)
+        jetstream = await JetStream.attach(nats, engine)
+        stack.push_async_callback(jetstream.close)
+        # Stopping is idempotent: this earlier stop drops the clients before JetStream goes,
+        # so nothing new is queued for a layer that is shutting down.
+        stack.push_async_callback(nats.stop)
+        http = HttpServer(create_app(engine, nats), options.host, options.http_port)
+        await http.start()
+        stack.push_async_callback(http.stop)
+        yield Running(engine, nats, jetstream, http)
+
+
+async def run(options: ServeOptions) -> None:
+    """Serve until SIGTERM or SIGINT, then stop cleanly."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with running(options) as parts:
+            log.info(
+                "pigeon serve listening: NATS %s, HTTP %s, data %s",
+                parts.nats.url,
+                parts.http.url,
+                options.data,
+            )
+            await stop.wait()
+            log.info("pigeon serve stopping")
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+def _listen_error(what: str, host: str, port: int, error: OSError) -> InvalidConfigError:
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    return InvalidConfigError(f"cannot listen for {what} on {host}:{port}: {reason}")
