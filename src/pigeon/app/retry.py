@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..engine.groups.config import Backoff
 from ..errors import InvalidConfigError, PayloadDecodeError
+from ..transport.base import Backoff
 from .control import HandlerControl, Retry
 
 Strategy = Literal["auto", "in_process", "broker", "retry_stream"]
