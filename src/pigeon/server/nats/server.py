@@ -40,12 +40,14 @@ _ROUTE_CACHE_SIZE = 4096
 
 
 class Delivery(NamedTuple):
-    """A message as an internal subscription sees it. ``headers`` is the raw block or None."""
+    """A message as an internal subscription sees it. ``headers`` is the raw block or None;
+    ``origin`` is the client connection that published it (None when the server did)."""
 
     subject: str
     reply: str | None
     headers: bytes | None
     payload: bytes
+    origin: ClientConnection | None = None
 
 
 Handler = Callable[[Delivery], None]
@@ -102,6 +104,7 @@ class NatsServer:
         self._listener: asyncio.Server | None = None
         self._ssl: ssl.SSLContext | None = None
         self._info: dict[str, Any] = {}
+        self._disconnect_hooks: list[Callable[[ClientConnection], None]] = []
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -192,12 +195,15 @@ class NatsServer:
         reply: str | None = None,
         headers: bytes | None = None,
         shown_subject: str | None = None,
+        clients_only: bool = False,
     ) -> int:
         """Deliver a message from inside the server; returns how many subscriptions got it.
 
         ``headers`` is a raw NATS header block (starting ``NATS/1.0``), e.g. a status reply.
         ``shown_subject`` is the subject receivers see in place of ``subject``, which then only
         routes: JetStream hands a stored message to a pull request's inbox under its own subject.
+        ``clients_only`` skips internal subscriptions: a message the server has already stored
+        goes to client subscribers without being captured again.
         """
         validate_subject(subject)
         data = payload if headers is None else headers + payload
@@ -208,7 +214,12 @@ class NatsServer:
             len(headers or b""),
             data,
             shown=shown_subject.encode() if shown_subject else None,
+            clients_only=clients_only,
         )
+
+    def on_disconnect(self, hook: Callable[[ClientConnection], None]) -> None:
+        """Call ``hook(conn)`` when a client connection ends (state tied to it can go)."""
+        self._disconnect_hooks.append(hook)
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -263,6 +274,7 @@ class NatsServer:
         header_size: int,
         data: bytes,
         shown: bytes | None = None,
+        clients_only: bool = False,
     ) -> int:
         """Deliver one message to every matching subscription and one member per queue group.
 
@@ -274,9 +286,18 @@ class NatsServer:
         lines instead of ``subject`` (see :meth:`publish`).
         """
         route = self._route_for(subject.decode())
+        if clients_only:
+            route = _Route(
+                tuple(s for s in route.plain if s.conn is not None),
+                tuple(
+                    g
+                    for g in (tuple(m for m in members if m.conn is not None) for members in route.groups)
+                    if g
+                ),
+            )
         no_echo = origin is not None and not origin.echo
         delivered = 0
-        pieces = _Pieces(shown or subject, reply, header_size, data)
+        pieces = _Pieces(shown or subject, reply, header_size, data, origin)
         for subscription in route.plain:
             if no_echo and subscription.conn is origin:
                 continue
@@ -331,6 +352,11 @@ class NatsServer:
         self._connections.discard(conn)
         for subscription in list(conn.subs.values()):
             self._remove(subscription)
+        for hook in self._disconnect_hooks:
+            try:
+                hook(conn)
+            except Exception:
+                log.exception("disconnect hook failed")
 
     @property
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -356,10 +382,28 @@ def _literal_match(pattern: list[str], subject: list[str]) -> bool:
 class _Pieces:
     """One published message, with the protocol lines built lazily and shared by all receivers."""
 
-    __slots__ = ("_delivery", "data", "header_size", "hmsg_tail", "msg_tail", "payload", "reply", "subject")
+    __slots__ = (
+        "_delivery",
+        "data",
+        "header_size",
+        "hmsg_tail",
+        "msg_tail",
+        "origin",
+        "payload",
+        "reply",
+        "subject",
+    )
 
-    def __init__(self, subject: bytes, reply: bytes, header_size: int, data: bytes) -> None:
+    def __init__(
+        self,
+        subject: bytes,
+        reply: bytes,
+        header_size: int,
+        data: bytes,
+        origin: ClientConnection | None = None,
+    ) -> None:
         self.subject = subject
+        self.origin = origin
         self.reply = reply
         self.header_size = header_size
         self.data = data
@@ -374,5 +418,5 @@ class _Pieces:
         if self._delivery is None:
             headers = self.data[: self.header_size] if self.header_size else None
             reply = self.reply.decode() if self.reply else None
-            self._delivery = Delivery(self.subject.decode(), reply, headers, self.payload)
+            self._delivery = Delivery(self.subject.decode(), reply, headers, self.payload, self.origin)
         return self._delivery
