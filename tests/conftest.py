@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +37,22 @@ async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
         loop.set_exception_handler(previous)
 
 
-TRANSPORTS = ["memory", "embedded", "nats", "redis", "rabbitmq", "postgres"]
+TRANSPORTS = ["memory", "embedded", "pigeon", "nats", "redis", "rabbitmq", "postgres"]
+
+
+@pytest.fixture(scope="session")
+def pigeon_serve_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One `pigeon serve` process for the session's ``pigeon`` transport runs (nats:// to it)."""
+    from serve_process import Served
+
+    served = Served(tmp_path_factory.mktemp("pigeon-serve") / "data").wait_listening()
+    yield served.nats_url
+    served.kill()
 
 
 @pytest.fixture(params=TRANSPORTS)
 async def any_transport(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
-    """An open transport of each kind: in-process ones, then the machine's real brokers."""
+    """An open transport of each kind: in-process ones, pigeon serve, then the machine's real brokers."""
     from pigeon.testing.services import require_service
     from pigeon.transport import connect
 
@@ -51,6 +61,8 @@ async def any_transport(request: pytest.FixtureRequest, tmp_path: Path) -> Async
         url = "memory://"
     elif kind == "embedded":
         url = f"file://{tmp_path / 'broker'}"
+    elif kind == "pigeon":
+        url = request.getfixturevalue("pigeon_serve_url")
     else:
         url = require_service(kind)
     transport = await connect(url)

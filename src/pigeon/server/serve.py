@@ -21,6 +21,7 @@ from ..errors import InvalidConfigError
 from .http import DEFAULT_HTTP_PORT, HttpServer, create_app
 from .jetstream import JetStream
 from .nats import DEFAULT_PORT, NatsServer, ServerOptions
+from .pigeon_api import PigeonApi
 
 __all__ = ["Running", "ServeOptions", "run", "running"]
 
@@ -40,6 +41,7 @@ class Running:
     engine: Engine
     nats: NatsServer
     jetstream: JetStream
+    api: PigeonApi
     http: HttpServer
 
 
@@ -57,13 +59,15 @@ async def running(options: ServeOptions) -> AsyncIterator[Running]:
         stack.push_async_callback(nats.stop)
         jetstream = await JetStream.attach(nats, engine)
         stack.push_async_callback(jetstream.close)
+        api = await PigeonApi.attach(nats, engine, jetstream)
+        stack.push_async_callback(api.close)
         # Stopping is idempotent: this earlier stop drops the clients before JetStream goes,
         # so nothing new is queued for a layer that is shutting down.
         stack.push_async_callback(nats.stop)
         http = HttpServer(create_app(engine, nats), options.host, options.http_port)
         await http.start()
         stack.push_async_callback(http.stop)
-        yield Running(engine, nats, jetstream, http)
+        yield Running(engine, nats, jetstream, api, http)
 
 
 async def run(options: ServeOptions) -> None:

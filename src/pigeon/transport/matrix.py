@@ -9,13 +9,22 @@ from __future__ import annotations
 from dataclasses import fields
 
 from . import _TRANSPORTS, transport_class
-from .base import Capabilities
+from .base import Capabilities, Transport
 
 _SCHEMES = ["memory", "file", "nats", "redis", "amqp", "postgresql"]
 
 
 def render() -> str:
-    classes = [(scheme, transport_class(f"{scheme}://x")) for scheme in _SCHEMES if scheme in _TRANSPORTS]
+    classes: list[tuple[str, str, type[Transport]]] = []
+    for scheme in _SCHEMES:
+        if scheme in _TRANSPORTS:
+            cls = transport_class(f"{scheme}://x")
+            classes.append((scheme, cls.name, cls))
+            if scheme == "nats":
+                # The same URL scheme, when the server is pigeon serve (it answers $PIGEON.API).
+                from .nats._pigeon import PigeonServeTransport
+
+                classes.append((scheme, "nats to pigeon serve", PigeonServeTransport))
     flags = [f.name for f in fields(Capabilities) if f.name != "emulated"]
     lines = [
         "# Transport capabilities",
@@ -26,23 +35,23 @@ def render() -> str:
         "yes: the engine does it; **emulated**: pigeon provides it on top of the engine's primitives",
         "(how, below); no: refused with `UnsupportedFeatureError` naming the alternative.",
         "",
-        "| capability | " + " | ".join(f"{cls.name} (`{scheme}://`)" for scheme, cls in classes) + " |",
+        "| capability | " + " | ".join(f"{label} (`{scheme}://`)" for scheme, label, _ in classes) + " |",
         "|---|" + "---|" * len(classes),
     ]
     for flag in flags:
         cells = []
-        for _, cls in classes:
+        for _, _, cls in classes:
             if not getattr(cls.capabilities, flag):
                 cells.append("no")
             else:
                 cells.append("**emulated**" if flag in cls.capabilities.emulated else "yes")
         lines.append(f"| {flag.replace('_', ' ')} | " + " | ".join(cells) + " |")
     lines += ["", "## How pigeon emulates", ""]
-    for scheme, cls in classes:
+    for scheme, label, cls in classes:
         emulated = sorted(cls.capabilities.emulated)
         if not emulated:
             continue
-        lines.append(f"### {cls.name} (`{scheme}://`)")
+        lines.append(f"### {label} (`{scheme}://`)")
         lines.append("")
         for flag in emulated:
             note = cls.emulation_notes.get(flag, "see the module's documentation")

@@ -1,7 +1,7 @@
 """Consumer groups of the embedded engine: ordered (Kafka-style) and shared (queue-style)."""
 
 from .config import Backoff, CommitMode, OrderedGroupConfig, SharedGroupConfig
-from .deadletter import dead_letter_stream, dead_letter_subject
+from .deadletter import ReportedError, dead_letter_stream, dead_letter_subject
 from .delivery import Delivery
 from .lag import PartitionLag
 from .ordered import MemberState, OrderedGroup, OrderedMember
@@ -16,6 +16,7 @@ __all__ = [
     "OrderedGroupConfig",
     "OrderedMember",
     "PartitionLag",
+    "ReportedError",
     "SharedGroup",
     "SharedGroupConfig",
     "SharedMember",

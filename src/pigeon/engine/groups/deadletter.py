@@ -36,6 +36,14 @@ def dead_letter_subject(stream: str, group: str) -> str:
     return f"$DLQ.{stream}.{group}"
 
 
+class ReportedError(Exception):
+    """An error raised elsewhere (a remote member's handler), known by its type name and text."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(message)
+        self.type_name = type_name
+
+
 @dataclass
 class Failures:
     """What went wrong with one message so far (kept in memory while it is in flight)."""
@@ -50,7 +58,9 @@ class Failures:
         if not self.first_at:
             self.first_at = now
         self.last_at = now
-        if isinstance(error, BaseException):
+        if isinstance(error, ReportedError):
+            self.error_type, self.error_message = error.type_name, str(error)
+        elif isinstance(error, BaseException):
             self.error_type, self.error_message = type(error).__name__, str(error)
         elif error is not None:
             self.error_type, self.error_message = "Error", error

@@ -314,13 +314,31 @@ class JetStream:
     async def _stream_delete(self, tokens: list[str], delivery: Delivery) -> Json:
         name = tokens[2]
         self._stream(name)
+        self.stream_removed(name)
+        await self.engine.delete_stream(name)
+        return {"success": True}
+
+    # -- streams made or deleted by pigeon's own API -----------------------------------------
+
+    def stream_added(self, config: StreamConfig) -> None:
+        """A stream created in the engine by someone else: capture it if JetStream can show it."""
+        if config.partitions == 1 and config.name not in self._captures:
+            self._capture(config)
+
+    def stream_removed(self, name: str) -> None:
+        """Forget a stream about to be deleted from the engine: its captures and consumers."""
         for subscription in self._captures.pop(name, []):
             subscription.unsubscribe()
         for key in [k for k in self._consumers if k[0] == name]:
             self._consumers.pop(key).cancel()
         self._meta.drop(name)
-        await self.engine.delete_stream(name)
-        return {"success": True}
+
+    def group_removed(self, stream: str, group: str) -> None:
+        """Forget the consumer serving a group about to be deleted from the engine."""
+        consumer = self._consumers.pop((stream, group), None)
+        if consumer is not None:
+            consumer.cancel()
+        self._meta.drop(stream, group)
 
     async def _stream_purge(self, tokens: list[str], delivery: Delivery) -> Json:
         name = tokens[2]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import re
 from collections.abc import Iterator, Mapping
@@ -24,6 +23,8 @@ from ...errors import (
     UnsupportedFeatureError,
 )
 from ...message import Headers, Message
+from ...wire import from_header_value as _read_value
+from ...wire import to_header_value as _wire_value
 
 NATS_MSG_ID = "Nats-Msg-Id"
 KEY_HEADER = "Pigeon-Key"
@@ -32,31 +33,6 @@ _OWN_HEADERS = frozenset({NATS_MSG_ID, KEY_HEADER, Headers.MSG_ID})
 
 # NATS header names are RFC 7230 tokens; nats-py refuses anything else.
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# nats-py trims header values and turns CR/LF into spaces. Values that would not survive
-# that travel base64-encoded behind this marker (as do values that start with it).
-_ENCODED = "=?b64?"
-
-
-def _wire_value(value: object, what: str) -> str:
-    if not isinstance(value, str):
-        raise InvalidMessageError(f"{what} must be text, not {type(value).__name__}")
-    if not value.isascii():
-        try:
-            value.encode()
-        except UnicodeEncodeError:  # lone surrogates
-            raise InvalidMessageError(f"{what} is not valid text: {value!r}") from None
-    if value and (value != value.strip() or "\r" in value or "\n" in value or value.startswith(_ENCODED)):
-        return _ENCODED + base64.b64encode(value.encode()).decode()
-    return value
-
-
-def _read_value(value: str) -> str:
-    if value.startswith(_ENCODED):
-        try:
-            return base64.b64decode(value[len(_ENCODED) :], validate=True).decode()
-        except ValueError:
-            return value  # not ours: someone else's value that merely looks encoded
-    return value
 
 
 def wire_headers(

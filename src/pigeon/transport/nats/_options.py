@@ -41,6 +41,8 @@ class NatsOptions:
     name: str = "pigeon"
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 5.0
+    # Between reconnect attempts to the same server: short, so a restarted broker is back soon.
+    reconnect_wait_s: float = 0.25
     storage: Literal["file", "memory"] = "file"
     replicas: int = 1
     route_cache_s: float = 2.0

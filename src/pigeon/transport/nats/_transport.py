@@ -146,6 +146,7 @@ class NatsTransport(StreamAdmin, Transport):
                     name=options.name,
                     connect_timeout=options.connect_timeout_s,
                     max_reconnect_attempts=-1,
+                    reconnect_time_wait=options.reconnect_wait_s,
                     error_cb=on_error,
                     user_credentials=options.user_credentials,
                     tls=options.tls,
@@ -156,6 +157,13 @@ class NatsTransport(StreamAdmin, Transport):
             raise TransportClosedError(f"cannot connect to NATS at {url!r}: {error!r}") from None
         transport = cls(nc, options)
         await nc.subscribe(f"{transport._ack_prefix}*", cb=transport._on_ack)
+        from ._pigeon import PigeonServeTransport, serves_pigeon_api
+
+        if cls is NatsTransport and await serves_pigeon_api(transport):
+            # pigeon serve: its own API gives the engine's partitions, groups and dead letters.
+            pigeon = PigeonServeTransport(nc, options)
+            pigeon._ack_prefix = transport._ack_prefix
+            return pigeon
         return transport
 
     async def close(self) -> None:

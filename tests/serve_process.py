@@ -1,0 +1,67 @@
+"""`pigeon serve` as a real process, for the tests that need one."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+T = 10.0
+LISTENING = re.compile(r"listening: NATS (nats://\S+):(\d+), HTTP (http://\S+), data ")
+
+
+class Served:
+    """One `pigeon serve` process; its stderr goes to a file the test reads."""
+
+    def __init__(self, data: Path, port: int = 0) -> None:
+        self.data = data
+        self.log = data.parent / f"serve-{time.monotonic_ns()}.log"
+        with open(self.log, "wb") as stderr:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pigeon.cli",
+                    "serve",
+                    "--data",
+                    str(data),
+                    "--port",
+                    str(port),
+                    "--http-port",
+                    "0",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        self.nats_url = ""
+        self.http_url = ""
+        self.port = 0
+
+    def wait_listening(self) -> Served:
+        deadline = time.monotonic() + T
+        while time.monotonic() < deadline:
+            found = LISTENING.search(self.stderr())
+            if found:
+                self.nats_url = f"{found[1]}:{found[2]}"
+                self.port = int(found[2])
+                self.http_url = found[3].rstrip(",")
+                return self
+            if self.process.poll() is not None:
+                raise AssertionError(f"pigeon serve exited {self.process.returncode}: {self.stderr()}")
+            time.sleep(0.02)
+        raise AssertionError(f"pigeon serve did not start: {self.stderr()}")
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        return self.process.wait(T)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(T)
