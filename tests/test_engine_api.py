@@ -681,9 +681,7 @@ async def test_expect_last_subject_offset(engine: Engine) -> None:
         await engine.publish("orders.new", b"n", expect=Expect(last_subject_offset=3))
     assert (info.value.expected, info.value.actual) == (3, -1)
     with pytest.raises(ConcurrencyConflictError):
-        await engine.publish(
-            "orders.b", b"b1", expect=Expect(last_offset=3, last_subject_offset=0)
-        )
+        await engine.publish("orders.b", b"b1", expect=Expect(last_offset=3, last_subject_offset=0))
     assert snapshot(engine, "orders") == before
     ok = await engine.publish("orders.b", b"b1", expect=Expect(last_offset=3, last_subject_offset=1))
     assert ok.offset == 4
@@ -1512,5 +1510,37 @@ async def test_publish_many_on_a_closed_engine(data_dir: Path) -> None:
     engine = await Engine.open(data_dir)
     try:
         assert [m.payload for m in await read_all(engine, "orders", 0)] == [b"%d" % i for i in range(100)]
+    finally:
+        await engine.close()
+
+
+# -- update_stream -----------------------------------------------------------------------------
+
+
+async def test_update_stream_moves_subjects_changes_limits_and_persists(data_dir: Path) -> None:
+    engine = await Engine.open(data_dir)
+    await engine.create_stream(StreamConfig("orders", ("orders.a",), partitions=2, dedup_window_s=60))
+    await engine.create_stream(StreamConfig("other", ("other.>",)))
+    await engine.publish("orders.a", b"1", msg_id="m1")
+    with pytest.raises(NoStreamForSubjectError):
+        await engine.publish("orders.b", b"2")
+    updated = StreamConfig("orders", ("orders.b",), partitions=2, max_msgs=100, dedup_window_s=1)
+    await engine.update_stream(updated)
+    assert (await engine.publish("orders.b", b"2")).stream == "orders"
+    with pytest.raises(NoStreamForSubjectError):
+        await engine.publish("orders.a", b"3")
+    with pytest.raises(SubjectOverlapError):
+        await engine.update_stream(StreamConfig("orders", ("other.x",), partitions=2))
+    for fixed in ({"partitions": 3}, {"durability": "always"}, {"segment_bytes": 4096}):
+        with pytest.raises(InvalidConfigError, match="cannot be changed"):
+            await engine.update_stream(StreamConfig("orders", ("orders.b",), **{"partitions": 2, **fixed}))
+    with pytest.raises(StreamNotFoundError):
+        await engine.update_stream(StreamConfig("missing", ("m.>",)))
+    await engine.close()
+    engine = await Engine.open(data_dir)
+    try:
+        assert engine.stream_info("orders").config == updated
+        assert (await engine.publish("orders.b", b"4")).stream == "orders"
+        assert engine.stream_info("orders").messages == 3
     finally:
         await engine.close()

@@ -304,15 +304,92 @@ async def test_consumer_listing_message_get_and_update(reference: str, url: str)
     assert out["update storage"][:2] == (500, 10052) and out["update missing"][:2] == (404, 10059)
 
 
-async def test_updates_the_engine_cannot_make_are_refused(url: str) -> None:
+async def update_scenario(url: str) -> dict[str, Any]:
+    """Stream updates a client makes, and what the server answers to each.
+
+    Message counts are kept apart (``out["stored"]``): lowering a limit removes single messages
+    on nats-server but whole segments on pigeon's engine, whose retention never splits one.
+    """
+    out: dict[str, Any] = {}
+    stored: dict[str, int] = {}
     async with client(url) as nc:
         js = nc.jetstream(timeout=T)
-        await js.add_stream(name="up", subjects=["up.a"], max_msgs=5)
-        changed = await failure(js.update_stream(name="up", subjects=["up.a"], max_msgs=6))
-        assert changed == (500, 10052, "stream configuration update can not change max msgs")
-        changed = await failure(js.update_stream(name="up", subjects=["up.a", "up.b"], max_msgs=5))
-        assert changed == (500, 10052, "stream configuration update can not change subjects")
-        assert (await js.stream_info("up")).config.max_msgs == 5
+        await js.add_stream(name="up", subjects=["up.>"])
+        await js.add_stream(name="other", subjects=["other.>"])
+        for _ in range(10):
+            await js.publish("up.a", b"x")
+
+        async def update(label: str, **changes: Any) -> None:
+            config = (await js.stream_info("up")).config
+            for field, value in changes.items():
+                setattr(config, field, value)
+            reply = await nc.request(
+                "$JS.API.STREAM.UPDATE.up", json.dumps(config.as_dict()).encode(), timeout=T
+            )
+            answer = json.loads(reply.data)
+            if "error" in answer:
+                out[label] = ("error", answer["error"]["code"], answer["error"]["err_code"])
+            else:
+                c = answer["config"]
+                out[label] = (c["subjects"], c["max_msgs"], c["max_age"], c["discard"])
+                stored[label] = answer["state"]["messages"]
+
+        await update("more subjects", subjects=["up.>", "extra.>"])
+        await update("overlapping subjects", subjects=["other.x"])
+        await update("fewer messages", max_msgs=5)
+        await update("discard new", discard="new")
+        await update("max age", max_age=3600.0)
+        await update("dedup window", duplicate_window=10.0)
+        await update("storage", storage="memory")
+        await update("replicas", num_replicas=3)
+        await update("work queue", retention="workqueue")
+        # The new subject is captured at once; the stream is full (discard new, 5 of 5).
+        out["publish to new subject"] = await failure(js.publish("extra.b", b"y"))
+        await update("room again", max_msgs=20)
+        out["publish after"] = (await js.publish("extra.b", b"y")).seq
+        stored["end"] = (await js.stream_info("up")).state.messages
+        missing = await nc.request(
+            "$JS.API.STREAM.UPDATE.nope", b'{"name": "nope", "subjects": ["n"]}', timeout=T
+        )
+        out["missing"] = json.loads(missing.data)["error"]["err_code"]
+        mismatch = await nc.request(
+            "$JS.API.STREAM.UPDATE.up", b'{"name": "else", "subjects": ["n"]}', timeout=T
+        )
+        out["mismatch"] = json.loads(mismatch.data)["error"]["err_code"]
+        await js.delete_stream("up")
+        await js.delete_stream("other")
+    out["stored"] = stored
+    return out
+
+
+async def test_stream_updates_match_nats_server(reference: str, url: str) -> None:
+    expected = await update_scenario(reference)
+    assert expected["stored"]["fewer messages"] == 5 and expected["storage"][0] == "error"  # it bites
+    got = await update_scenario(url)
+    counts, expected_counts = got.pop("stored"), expected.pop("stored")
+    assert got == expected
+    # Whole segments only: nothing is removed from the one open segment, and nothing is lost.
+    assert counts == {label: 10 if label != "end" else 11 for label in expected_counts}
+
+
+async def test_an_update_survives_a_restart(pigeon: Pigeon, url: str) -> None:
+    async with client(url) as nc:
+        js = nc.jetstream(timeout=T)
+        await js.add_stream(name="kept", subjects=["kept.a"])
+        await js.update_stream(name="kept", subjects=["kept.a", "kept.b"], max_msgs=3)
+    await pigeon.stop()
+    url = await pigeon.start()
+    async with client(url) as nc:
+        config = (await nc.jetstream(timeout=T).stream_info("kept")).config
+        assert (config.subjects, config.max_msgs) == (["kept.a", "kept.b"], 3)
+
+
+async def test_max_msgs_per_subject_cannot_change(url: str) -> None:
+    async with client(url) as nc:
+        js = nc.jetstream(timeout=T)
+        await js.add_stream(name="per", subjects=["per.>"])
+        refused = await failure(js.update_stream(name="per", subjects=["per.>"], max_msgs_per_subject=3))
+        assert refused == (500, 10052, "stream configuration update can not change max messages per subject")
 
 
 # -- backoff ---------------------------------------------------------------------------------------

@@ -31,6 +31,10 @@ class DedupWindow:
         for message_id, offset, timestamp_ns in entries:
             self._entries[message_id] = (partition, offset, timestamp_ns)
 
+    def resize(self, window_s: float) -> None:
+        """A new window length; ids already forgotten stay forgotten when it grows."""
+        self._window_ns = int(window_s * 1e9)
+
     def sort(self) -> None:
         """Restore time order after merging entries recovered from several partitions."""
         self._entries = OrderedDict(sorted(self._entries.items(), key=lambda item: item[1][2]))

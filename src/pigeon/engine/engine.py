@@ -92,8 +92,10 @@ class Engine:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         retention_interval_s: float = 1.0,
     ) -> Engine:
-        if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or not (
-            1 <= max_message_bytes <= 64 * 1024 * 1024
+        if (
+            isinstance(max_message_bytes, bool)
+            or not isinstance(max_message_bytes, int)
+            or not (1 <= max_message_bytes <= 64 * 1024 * 1024)
         ):
             raise InvalidConfigError(
                 f"max_message_bytes must be between 1 and 64 MiB, not {max_message_bytes!r}"
@@ -196,18 +198,9 @@ class Engine:
         existing = self._streams.get(config.name)
         if existing is not None:
             if existing.config != config:
-                raise StreamExistsError(
-                    f"stream {config.name!r} exists with a different configuration"
-                )
+                raise StreamExistsError(f"stream {config.name!r} exists with a different configuration")
             return self.stream_info(config.name)
-        for other in self._streams.values():
-            for mine in config.subjects:
-                for theirs in other.config.subjects:
-                    if patterns_overlap(mine, theirs):
-                        raise SubjectOverlapError(
-                            f"stream {config.name!r} subject {mine!r} overlaps {theirs!r} "
-                            f"of stream {other.name!r}"
-                        )
+        self._check_overlap(config)
         directory = self.path / "streams" / config.name
         loop = asyncio.get_running_loop()
         stream = await loop.run_in_executor(self._executor, self._create_files, config, directory)
@@ -221,6 +214,46 @@ class Engine:
         stream = Stream.open(config, directory, self.max_message_bytes)
         write_atomically(directory / "stream.json", json.dumps(config.to_json()).encode())
         return stream
+
+    async def update_stream(self, config: StreamConfig) -> StreamInfo:
+        """Change a stream's subjects, retention limits, discard policy, dedup window or
+        metadata; the new limits apply to stored data at once. How it is stored (partitions,
+        durability, segments) is fixed at creation: `InvalidConfigError` names what cannot change."""
+        self._check_open()
+        if not isinstance(config, StreamConfig):
+            raise InvalidConfigError(f"update_stream takes a StreamConfig, not {type(config).__name__}")
+        stream = self._stream(config.name)
+        old = stream.config
+        for fixed in _FIXED_AT_CREATION:
+            if getattr(config, fixed) != getattr(old, fixed):
+                raise InvalidConfigError(
+                    f"stream {config.name!r}: {fixed.replace('_', ' ')} cannot be changed "
+                    f"({getattr(old, fixed)!r} to {getattr(config, fixed)!r}); create a new stream"
+                )
+        self._check_overlap(config, ignore=config.name)
+        loop = asyncio.get_running_loop()
+        data = json.dumps(config.to_json()).encode()
+        await loop.run_in_executor(self._executor, write_atomically, stream.directory / "stream.json", data)
+        for pattern in old.subjects:
+            self._routes.remove(pattern, stream)
+        stream.reconfigure(config)
+        for pattern in config.subjects:
+            self._routes.add(pattern, stream)
+        self._route_cache.clear()
+        stream.apply_retention(time.time_ns())
+        return self.stream_info(config.name)
+
+    def _check_overlap(self, config: StreamConfig, *, ignore: str | None = None) -> None:
+        for other in self._streams.values():
+            if other.name == ignore:
+                continue
+            for mine in config.subjects:
+                for theirs in other.config.subjects:
+                    if patterns_overlap(mine, theirs):
+                        raise SubjectOverlapError(
+                            f"stream {config.name!r} subject {mine!r} overlaps {theirs!r} "
+                            f"of stream {other.name!r}"
+                        )
 
     async def delete_stream(self, name: str) -> None:
         self._check_open()
@@ -322,9 +355,7 @@ class Engine:
         _check_fields(b"", key, None)
         return await stream.publish_many(subject, payloads, key, _headers(headers))
 
-    async def publish_batch(
-        self, messages: Sequence[Message], *, expect: Expect | None = None
-    ) -> BatchAck:
+    async def publish_batch(self, messages: Sequence[Message], *, expect: Expect | None = None) -> BatchAck:
         """Store messages that all go to one stream; each partition's share is written atomically."""
         self._check_open()
         if not messages:
@@ -336,12 +367,12 @@ class Engine:
         for message in messages:
             if message._headers is not None and not isinstance(message._headers, dict):
                 raise InvalidMessageError("message headers must be a dict of text to text")
-            if message.subject is not messages[0].subject and self.stream_for_subject(
-                message.subject
-            ) is not stream:
+            if (
+                message.subject is not messages[0].subject
+                and self.stream_for_subject(message.subject) is not stream
+            ):
                 raise InvalidConfigError(
-                    f"one batch must go to one stream: {message.subject!r} is not captured "
-                    f"by {stream.name!r}"
+                    f"one batch must go to one stream: {message.subject!r} is not captured by {stream.name!r}"
                 )
             _check_fields(message.payload, message.key, message._id)
         return await stream.publish(messages, expect)
@@ -403,8 +434,10 @@ class Engine:
     def _partition(self, stream: str, partition: int):  # type: ignore[no-untyped-def]
         self._check_open()
         s = self._stream(stream)
-        if isinstance(partition, bool) or not isinstance(partition, int) or not (
-            0 <= partition < len(s.partitions)
+        if (
+            isinstance(partition, bool)
+            or not isinstance(partition, int)
+            or not (0 <= partition < len(s.partitions))
         ):
             raise InvalidConfigError(
                 f"stream {stream!r} has partitions 0 to {len(s.partitions) - 1}, not {partition!r}"
@@ -416,7 +449,11 @@ class Engine:
         return int(self._partition(stream, partition).resolve(start))
 
     def fetch(
-        self, stream: str, partition: int, offset: int, max_messages: int = 100,
+        self,
+        stream: str,
+        partition: int,
+        offset: int,
+        max_messages: int = 100,
         max_bytes: int | None = None,
     ) -> list[Message]:
         """Up to ``max_messages`` messages from ``offset`` on; empty at the end of the log."""
@@ -438,9 +475,7 @@ class Engine:
             await asyncio.sleep(0)  # let other tasks run between chunks
             self._check_open()
 
-    async def wait_for_data(
-        self, stream: str, partition: int, offset: int, timeout: float | None
-    ) -> bool:
+    async def wait_for_data(self, stream: str, partition: int, offset: int, timeout: float | None) -> bool:
         """Wait until a message at ``offset`` or later exists (long polling); False on timeout."""
         return bool(await self._partition(stream, partition).wait_for_data(offset, timeout))
 
@@ -454,11 +489,24 @@ class Engine:
             if offset is None:
                 continue
             found = p.fetch(offset, 1)
-            if found and found[0].subject == subject and (
-                best is None or found[0].timestamp > best.timestamp
+            if (
+                found
+                and found[0].subject == subject
+                and (best is None or found[0].timestamp > best.timestamp)
             ):
                 best = found[0]
         return best
+
+
+# How a stream is stored: fixed when it is created.
+_FIXED_AT_CREATION = (
+    "partitions",
+    "durability",
+    "fsync_interval_ms",
+    "segment_bytes",
+    "segment_age_s",
+    "max_msgs_per_subject",
+)
 
 
 def _headers(headers: object) -> dict[str, str] | None:

@@ -133,10 +133,16 @@ class Stream:
         """Open every partition, recovering them. Blocking: call from a thread."""
         stream = cls(config, directory, max_message_bytes)
         stream.partitions = [
-            Partition.open(directory / f"p{i}", config.name, i, config)
-            for i in range(config.partitions)
+            Partition.open(directory / f"p{i}", config.name, i, config) for i in range(config.partitions)
         ]
         return stream
+
+    def reconfigure(self, config: StreamConfig) -> None:
+        """Take a new configuration that differs only in what `Engine.update_stream` allows."""
+        self.config = config
+        self.dedup.resize(config.dedup_window_s)
+        for partition in self.partitions:
+            partition.config = config
 
     def bind(self, executor: Executor) -> None:
         for partition in self.partitions:
@@ -238,9 +244,7 @@ class Stream:
         partition = self.partitions[p]
         base_offset, seq = self._write(partition, encoded, subject, None, now_ns, uniform)
         await self._durable(partition, seq, now_ns)
-        return BatchAck(
-            self.name, [p] * len(encoded), range(base_offset, base_offset + len(encoded)), set()
-        )
+        return BatchAck(self.name, [p] * len(encoded), range(base_offset, base_offset + len(encoded)), set())
 
     def _check_size(self, subject: str, record: bytes) -> None:
         if len(record) > self.max_message_bytes:

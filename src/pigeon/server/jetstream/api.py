@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -28,6 +29,7 @@ from ...errors import (
     MessageTooLargeError,
     PigeonError,
     StreamExistsError,
+    StreamFullError,
     StreamNotFoundError,
     SubjectOverlapError,
     TransportClosedError,
@@ -376,14 +378,33 @@ class JetStream:
         data = _request_json(delivery.payload)
         if data.get("name", name) != name:
             raise errors.stream_name_mismatch()
-        current = self._stream(name)["config"]
+        self._stream(name)
+        old = self.engine.stream_info(name).config
         if data.get("storage", "file") != "file":
             raise errors.update_refused("storage type")
-        wanted = config_to_json(config_from_json(name, data, 0))
-        for field, value in wanted.items():
-            if field != "metadata" and current[field] != value:
-                # The engine fixes a stream's settings at creation.
-                raise errors.update_refused(field.replace("_", " "))
+        if data.get("retention", "limits") != "limits":
+            raise errors.update_refused(f"retention policy to {data['retention']}")
+        if data.get("num_replicas", 1) not in (0, 1):
+            raise errors.replicas_unsupported()
+        wanted = config_from_json(name, data, created_ns(old))
+        if wanted.max_msgs_per_subject != old.max_msgs_per_subject:
+            # The engine keeps per-subject counts only for streams created with that limit.
+            raise errors.update_refused("max messages per subject")
+        # How the engine stores the stream stays as it was created.
+        new = dataclasses.replace(
+            wanted,
+            durability=old.durability,
+            fsync_interval_ms=old.fsync_interval_ms,
+            segment_bytes=old.segment_bytes,
+            segment_age_s=old.segment_age_s,
+        )
+        try:
+            await self.engine.update_stream(new)
+        except SubjectOverlapError:
+            raise errors.subjects_overlap() from None
+        for subscription in self._captures.pop(name, []):
+            subscription.unsubscribe()
+        self._capture(new)
         return self._stream(name)
 
     def _stored(self, stream: str, data: Json) -> Message:
@@ -623,7 +644,11 @@ def _store_error(error: ApiError | PigeonError) -> ApiError:
         return errors.wrong_last_sequence((-1 if error.actual is None else error.actual) + 1)
     if isinstance(error, MessageTooLargeError):
         return errors.message_too_large()
-    return errors.store_failed(str(error))  # StreamFullError (discard new) and the like
+    if isinstance(error, StreamFullError):  # discard new: nats-server's words for it
+        return errors.store_failed(
+            "maximum messages exceeded" if " messages " in str(error) else "maximum bytes exceeded"
+        )
+    return errors.store_failed(str(error))
 
 
 def _expectations(stream: str, headers: dict[str, str]) -> Expect | None:

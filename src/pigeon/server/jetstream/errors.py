@@ -106,3 +106,7 @@ def no_message_found() -> ApiError:
 
 def update_refused(what: str) -> ApiError:
     return ApiError(500, 10052, f"stream configuration update can not change {what}")
+
+
+def replicas_unsupported() -> ApiError:
+    return ApiError(500, 10074, "replicas > 1 not supported in non-clustered mode")
