@@ -145,16 +145,40 @@ class JetStream:
     async def _run(self) -> None:
         handlers: dict[str, Callable[[Delivery], Awaitable[None]]] = {
             "api": self._api,
-            "ack": self._ack,
-            "pub": self._store,
             "reap": self._reap,
+        }
+        batched: dict[str, Callable[[list[Delivery]], Awaitable[None]]] = {
+            "ack": self._acks,
+            "pub": self._store_many,
         }
         while True:
             kind, delivery = await self._queue.get()
-            try:
-                await handlers[kind](delivery)
-            except Exception:
-                log.exception("JetStream failed on %s %r", kind, delivery.subject)
+            if kind in batched:
+                # Acks and publishes arrive in bursts (a client acks a fetched batch, or
+                # publishes without waiting): take every one of the kind already queued and
+                # apply them together, in order: one write instead of one per message.
+                run, following = [delivery], None
+                while following is None and not self._queue.empty():
+                    item = self._queue.get_nowait()
+                    if item[0] == kind:
+                        run.append(item[1])
+                    else:
+                        following = item
+                await self._guarded(kind, delivery, batched[kind](run))
+                if following is None:
+                    continue
+                kind, delivery = following
+                if kind in batched:
+                    await self._guarded(kind, delivery, batched[kind]([delivery]))
+                    continue
+            await self._guarded(kind, delivery, handlers[kind](delivery))
+
+    @staticmethod
+    async def _guarded(kind: str, delivery: Delivery, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except Exception:
+            log.exception("JetStream failed on %s %r", kind, delivery.subject)
 
     def _reply(self, reply: str | None, body: Json) -> None:
         if reply:
@@ -162,14 +186,51 @@ class JetStream:
 
     # -- publishing into streams -----------------------------------------------------------
 
-    async def _store(self, delivery: Delivery) -> None:
+    async def _store_many(self, deliveries: list[Delivery]) -> None:
+        """Store publishes in arrival order; runs into one stream without expectations go to
+        the engine as one batch, each message still getting its own PubAck."""
+        run: list[tuple[Delivery, Message]] = []
+        run_stream = ""
+        for delivery in deliveries:
+            try:
+                stream = self.engine.stream_for_subject(delivery.subject).name
+            except PigeonError:
+                continue  # the stream was deleted while this message was queued
+            headers = dict(parse_headers(delivery.headers)[2]) if delivery.headers else {}
+            if any(name.startswith("Nats-Expected-") for name in headers):
+                await self._store_run(run_stream, run)
+                run = []
+                await self._store(delivery, stream, headers)
+                continue
+            if run and stream != run_stream:
+                await self._store_run(run_stream, run)
+                run = []
+            run_stream = stream
+            msg_id = headers.get("Nats-Msg-Id") or None
+            run.append(
+                (delivery, Message(delivery.subject, delivery.payload, headers=headers or None, id=msg_id))
+            )
+        await self._store_run(run_stream, run)
+
+    async def _store_run(self, stream: str, run: list[tuple[Delivery, Message]]) -> None:
+        if len(run) == 1:
+            delivery, message = run[0]
+            await self._store(delivery, stream, message.headers)
+            return
+        if not run:
+            return
         try:
-            stream = self.engine.stream_for_subject(delivery.subject).name
+            acks = await self.engine.publish_batch([message for _, message in run])
         except PigeonError:
-            return  # the stream was deleted while this message was queued
-        headers: dict[str, str] = {}
-        if delivery.headers:
-            headers = dict(parse_headers(delivery.headers)[2])
+            # One of them cannot be stored (a limit, a size): let each get its own answer.
+            for delivery, message in run:
+                await self._store(delivery, stream, message.headers)
+            return
+        for (delivery, _), ack in zip(run, acks, strict=True):
+            if delivery.reply:
+                self.server.publish(delivery.reply, _pub_ack(stream, ack.offset + 1, ack.duplicate))
+
+    async def _store(self, delivery: Delivery, stream: str, headers: dict[str, str]) -> None:
         try:
             ack = await self.engine.publish(
                 delivery.subject,
@@ -182,22 +243,32 @@ class JetStream:
             failure = _store_error(error)
             self._reply(delivery.reply, {"error": failure.body(), "stream": stream, "seq": 0})
             return
-        body: Json = {"stream": stream, "seq": ack.offset + 1}
-        if ack.duplicate:
-            body["duplicate"] = True
-        self._reply(delivery.reply, body)
+        if delivery.reply:
+            self.server.publish(delivery.reply, _pub_ack(stream, ack.offset + 1, ack.duplicate))
 
     # -- acks ------------------------------------------------------------------------------
 
-    async def _ack(self, delivery: Delivery) -> None:
-        tokens = delivery.subject.split(".")
-        if len(tokens) != 9 or not (tokens[5].isdigit() and tokens[6].isdigit()):
-            return
-        consumer = self._consumer_or_none(tokens[2], tokens[3])
-        if consumer is not None:
-            await consumer.settle(int(tokens[5]), int(tokens[6]), delivery.payload)
-        if delivery.reply:  # a synchronous ack waits for this empty answer
-            self.server.publish(delivery.reply)
+    async def _acks(self, deliveries: list[Delivery]) -> None:
+        plain: dict[PullConsumer, list[tuple[int, int]]] = {}
+        for delivery in deliveries:
+            tokens = delivery.subject.split(".")
+            if len(tokens) != 9 or not (tokens[5].isdigit() and tokens[6].isdigit()):
+                continue
+            consumer = self._consumer_or_none(tokens[2], tokens[3])
+            if consumer is None:
+                continue
+            sequences = (int(tokens[5]), int(tokens[6]))
+            if delivery.payload.strip() in (b"", b"+ACK"):
+                plain.setdefault(consumer, []).append(sequences)
+                continue
+            if consumer in plain:  # what this consumer was told before comes first
+                await consumer.ack_many(plain.pop(consumer))
+            await consumer.settle(*sequences, delivery.payload)
+        for consumer, acks in plain.items():
+            await consumer.ack_many(acks)
+        for delivery in deliveries:
+            if delivery.reply:  # a synchronous ack waits for this empty answer
+                self.server.publish(delivery.reply)
 
     # -- the API ---------------------------------------------------------------------------
 
@@ -635,6 +706,13 @@ def _finished(consumer: PullConsumer) -> Callable[[asyncio.Task[None]], None]:
             log.debug("pull request on %s ended: %r", consumer.name, task.exception())
 
     return done
+
+
+def _pub_ack(stream: str, seq: int, duplicate: bool) -> bytes:
+    # Stream names are plain tokens ([A-Za-z0-9_-]), so no JSON escaping is needed.
+    if duplicate:
+        return b'{"stream":"%s","seq":%d,"duplicate":true}' % (stream.encode(), seq)
+    return b'{"stream":"%s","seq":%d}' % (stream.encode(), seq)
 
 
 def _store_error(error: ApiError | PigeonError) -> ApiError:

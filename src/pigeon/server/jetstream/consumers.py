@@ -293,6 +293,30 @@ class PullConsumer:
 
     # -- acks ------------------------------------------------------------------------------
 
+    async def ack_many(self, acks: list[tuple[int, int]]) -> None:
+        """Plain acks of several deliveries, as (stream seq, consumer seq): one state-log write."""
+        held: dict[int, tuple[Delivery, int]] = {}
+        for stream_seq, consumer_seq in acks:
+            delivery = self.outstanding.get(stream_seq - 1)
+            if delivery is not None:
+                held[stream_seq - 1] = (delivery, consumer_seq)
+        if not held:
+            return
+        try:
+            await self.member.ack_batch([delivery for delivery, _ in held.values()])
+        except PigeonError:
+            # One of them went back to the group meanwhile: settle each on its own.
+            for offset, (_, consumer_seq) in held.items():
+                await self.settle(offset + 1, consumer_seq, b"+ACK")
+            return
+        for offset, (delivery, _) in held.items():
+            if self.outstanding.get(offset) is delivery:
+                del self.outstanding[offset]
+        committed = self.group.lag()[0].committed
+        below = [consumer_seq for offset, (_, consumer_seq) in held.items() if offset < committed]
+        if below:
+            self.ack_floor_consumer_seq = max(self.ack_floor_consumer_seq, *below)
+
     async def settle(self, stream_seq: int, consumer_seq: int, payload: bytes) -> None:
         """Apply an ack (+ACK or empty, -NAK [{"delay": ns}], +TERM, +WPI) to a delivery."""
         offset = stream_seq - 1
