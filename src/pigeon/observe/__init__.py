@@ -1,0 +1,1 @@
+"""Observing pigeon from outside: group health, alerts and metrics."""
