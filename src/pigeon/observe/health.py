@@ -122,6 +122,10 @@ class HealthMonitor:
         complete = bool(windows) and all(len(w) >= self.rules.window for w in windows.values())
         return GroupHealth(stream, group, status, partitions, complete)
 
+    def groups(self) -> list[tuple[str, str]]:
+        """The (stream, group) pairs observed so far."""
+        return list(self._windows)
+
     def forget(self, stream: str, group: str) -> None:
         self._windows.pop((stream, group), None)
 

@@ -1,6 +1,6 @@
 """The HTTP side of ``pigeon serve``: a Starlette app run by uvicorn on the server's event loop.
 
-Only ``/healthz`` for now; the operator view adds its routes to :func:`create_app`.
+``/healthz`` and ``/metrics`` (Prometheus); the operator view adds its routes to :func:`create_app`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from collections.abc import Iterator
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..engine import Engine
 from ..errors import InvalidConfigError, TransportClosedError
+from .metrics import CONTENT_TYPE_LATEST, Observer
 from .nats import NatsServer
 
 __all__ = ["DEFAULT_HTTP_PORT", "HttpServer", "create_app"]
@@ -26,11 +27,14 @@ __all__ = ["DEFAULT_HTTP_PORT", "HttpServer", "create_app"]
 DEFAULT_HTTP_PORT = 8333
 
 
-def create_app(engine: Engine, nats: NatsServer) -> Starlette:
+def create_app(engine: Engine, nats: NatsServer, observer: Observer) -> Starlette:
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "nats_port": nats.port, "streams": len(engine.streams())})
 
-    return Starlette(routes=[Route("/healthz", healthz)])
+    async def metrics(request: Request) -> Response:
+        return Response(observer.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(routes=[Route("/healthz", healthz), Route("/metrics", metrics)])
 
 
 class _EmbeddedServer(uvicorn.Server):

@@ -20,6 +20,7 @@ from ..engine import Engine
 from ..errors import InvalidConfigError
 from .http import DEFAULT_HTTP_PORT, HttpServer, create_app
 from .jetstream import JetStream
+from .metrics import Observer
 from .nats import DEFAULT_PORT, NatsServer, ServerOptions
 from .pigeon_api import PigeonApi
 
@@ -34,6 +35,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     http_port: int = DEFAULT_HTTP_PORT
+    sample_interval_s: float = 5.0  # how often group lag is sampled for health and /metrics
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Running:
     nats: NatsServer
     jetstream: JetStream
     api: PigeonApi
+    observer: Observer
     http: HttpServer
 
 
@@ -64,10 +67,13 @@ async def running(options: ServeOptions) -> AsyncIterator[Running]:
         # Stopping is idempotent: this earlier stop drops the clients before JetStream goes,
         # so nothing new is queued for a layer that is shutting down.
         stack.push_async_callback(nats.stop)
-        http = HttpServer(create_app(engine, nats), options.host, options.http_port)
+        observer = Observer(engine, nats, options.sample_interval_s)
+        observer.start()
+        stack.push_async_callback(observer.stop)
+        http = HttpServer(create_app(engine, nats, observer), options.host, options.http_port)
         await http.start()
         stack.push_async_callback(http.stop)
-        yield Running(engine, nats, jetstream, api, http)
+        yield Running(engine, nats, jetstream, api, observer, http)
 
 
 async def run(options: ServeOptions) -> None:
