@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import typer
 
-from . import serve
+from . import exporter, serve
 
 __all__ = ["app", "main"]
 
@@ -31,6 +31,7 @@ def _root() -> None:
 
 
 app.command("serve")(serve.serve)
+app.command("exporter")(exporter.exporter)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
