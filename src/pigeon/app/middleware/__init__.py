@@ -3,6 +3,7 @@
 from .base import CallNext, Middleware, compose
 from .correlation import correlation
 from .idempotency import Idempotent
+from .metrics import Metrics
 from .ratelimit import RateLimit
 from .timeout import Timeout
 
@@ -19,6 +20,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "CallNext",
     "Idempotent",
+    "Metrics",
     "Middleware",
     "RateLimit",
     "Timeout",
