@@ -26,10 +26,16 @@ def serve(
         int, typer.Option(min=0, max=65535, help="HTTP port for /healthz (0 picks a free one).")
     ] = DEFAULT_HTTP_PORT,
     host: Annotated[str, typer.Option(help="The address both servers listen on.")] = "127.0.0.1",
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="PIGEON_TOKEN", help="Bearer token the admin API requires (needed off loopback)."
+        ),
+    ] = None,
 ) -> None:
     """Serve the data folder to NATS clients (core and JetStream) until SIGTERM or SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = ServeOptions(data=data, host=host, port=port, http_port=http_port)
+    options = ServeOptions(data=data, host=host, port=port, http_port=http_port, token=token)
     try:
         asyncio.run(run(options))
     except (PigeonError, OSError) as error:

@@ -1,6 +1,6 @@
 """The HTTP side of ``pigeon serve``: a Starlette app run by uvicorn on the server's event loop.
 
-``/healthz`` and ``/metrics`` (Prometheus); the operator view adds its routes to :func:`create_app`.
+``/healthz``, ``/metrics`` (Prometheus) and the admin API under ``/api/``.
 """
 
 from __future__ import annotations
@@ -19,22 +19,27 @@ from starlette.routing import Route
 
 from ..engine import Engine
 from ..errors import InvalidConfigError, TransportClosedError
+from .admin import AdminConfig, admin_routes
 from .metrics import CONTENT_TYPE_LATEST, Observer
 from .nats import NatsServer
+from .pigeon_api import PigeonApi
 
 __all__ = ["DEFAULT_HTTP_PORT", "HttpServer", "create_app"]
 
 DEFAULT_HTTP_PORT = 8333
 
 
-def create_app(engine: Engine, nats: NatsServer, observer: Observer) -> Starlette:
+def create_app(
+    engine: Engine, nats: NatsServer, api: PigeonApi, observer: Observer, admin: AdminConfig | None = None
+) -> Starlette:
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "nats_port": nats.port, "streams": len(engine.streams())})
 
     async def metrics(request: Request) -> Response:
         return Response(observer.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    return Starlette(routes=[Route("/healthz", healthz), Route("/metrics", metrics)])
+    routes = [Route("/healthz", healthz), Route("/metrics", metrics)]
+    return Starlette(routes=routes + admin_routes(engine, nats, api, observer, admin or AdminConfig()))
 
 
 class _EmbeddedServer(uvicorn.Server):

@@ -168,12 +168,20 @@ class PigeonApi:
             partitions=body.get("partitions", 1),
             **limits,
         )
-        info = await self.engine.create_stream(config)
-        self.jetstream.stream_added(info.config)
+        await self.create_stream(config)
         return {}
 
+    async def create_stream(self, config: StreamConfig) -> None:
+        """Create a stream in the engine, visible to JetStream clients when it can be."""
+        info = await self.engine.create_stream(config)
+        self.jetstream.stream_added(info.config)
+
     async def _stream_delete(self, body: Json, delivery: Delivery) -> Json:
-        name = body["name"]
+        await self.delete_stream(body["name"])
+        return {}
+
+    async def delete_stream(self, name: str) -> None:
+        """Delete a stream, its groups' members and their dead-letter streams, for every API."""
         config = self.engine.stream_info(name).config
         letters = [dead_letter_stream(config, group).name for group in self.engine.groups(name)]
         for token, remote in list(self._members.items()):
@@ -183,7 +191,6 @@ class PigeonApi:
             if doomed in self.engine.streams():
                 self.jetstream.stream_removed(doomed)
                 await self.engine.delete_stream(doomed)
-        return {}
 
     async def _stream_state(self, body: Json, delivery: Delivery) -> Json:
         info = self.engine.stream_info(body["name"])

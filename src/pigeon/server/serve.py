@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from ..engine import Engine
 from ..errors import InvalidConfigError
+from .admin import AdminConfig
 from .http import DEFAULT_HTTP_PORT, HttpServer, create_app
 from .jetstream import JetStream
 from .metrics import Observer
@@ -36,6 +38,7 @@ class ServeOptions:
     port: int = DEFAULT_PORT
     http_port: int = DEFAULT_HTTP_PORT
     sample_interval_s: float = 5.0  # how often group lag is sampled for health and /metrics
+    token: str | None = None  # required by the admin API when set; without it, loopback only
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,11 @@ class Running:
 @contextlib.asynccontextmanager
 async def running(options: ServeOptions) -> AsyncIterator[Running]:
     """Everything started, yielded, then stopped in order (also when starting fails halfway)."""
+    if options.token is None and not _loopback(options.host):
+        raise InvalidConfigError(
+            f"refusing to serve the admin API on {options.host} without a token: "
+            "give --token, or listen on 127.0.0.1"
+        )
     async with contextlib.AsyncExitStack() as stack:
         engine = await Engine.open(options.data)
         stack.push_async_callback(engine.close)
@@ -70,7 +78,8 @@ async def running(options: ServeOptions) -> AsyncIterator[Running]:
         observer = Observer(engine, nats, options.sample_interval_s)
         observer.start()
         stack.push_async_callback(observer.stop)
-        http = HttpServer(create_app(engine, nats, observer), options.host, options.http_port)
+        app = create_app(engine, nats, api, observer, AdminConfig(token=options.token))
+        http = HttpServer(app, options.host, options.http_port)
         await http.start()
         stack.push_async_callback(http.stop)
         yield Running(engine, nats, jetstream, api, observer, http)
@@ -95,6 +104,13 @@ async def run(options: ServeOptions) -> None:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _listen_error(what: str, host: str, port: int, error: OSError) -> InvalidConfigError:

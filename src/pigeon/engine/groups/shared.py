@@ -181,6 +181,10 @@ class SharedGroup(GroupBase):
             member = self._members[name] = SharedMember(self, name)
         return member
 
+    def member_names(self) -> list[str]:
+        """The members that fetched from this group (shared members hold no partitions)."""
+        return sorted(self._members)
+
     @property
     def ack_pending(self) -> int:
         """Messages delivered and not yet finished (what ``max_ack_pending`` bounds)."""
