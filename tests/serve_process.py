@@ -16,7 +16,7 @@ LISTENING = re.compile(r"listening: NATS (nats://\S+):(\d+), HTTP (http://\S+), 
 class Served:
     """One `pigeon serve` process; its stderr goes to a file the test reads."""
 
-    def __init__(self, data: Path, port: int = 0) -> None:
+    def __init__(self, data: Path, port: int = 0, *extra: str) -> None:
         self.data = data
         self.log = data.parent / f"serve-{time.monotonic_ns()}.log"
         with open(self.log, "wb") as stderr:
@@ -32,6 +32,7 @@ class Served:
                     str(port),
                     "--http-port",
                     "0",
+                    *extra,
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,

@@ -221,3 +221,31 @@ def test_sigkill_mid_load_loses_nothing_acknowledged(data: Path, tmp_path: Path)
         assert server.stop() == 0
     finally:
         server.kill()
+
+
+async def test_the_demo_fills_streams_groups_lag_and_dead_letters(data: Path) -> None:
+    """What `bash scripts/run` starts: pigeon serve --demo, with something real flowing."""
+    served = Served(data, 0, "--demo").wait_listening()
+    try:
+        async with httpx.AsyncClient(base_url=served.http_url) as http:
+            seen: dict[str, object] = {}
+            for _ in range(300):
+                streams = {s["name"]: s for s in (await http.get("/api/streams")).json()["streams"]}
+                orders = streams.get("demo-orders")
+                if orders and {"billing", "shipping", "revenue-projection"} <= set(orders["groups"]):
+                    letters = (await http.get("/api/streams/demo-orders/groups/billing/dead-letters")).json()
+                    seen = {"messages": orders["messages"], "letters": letters["total"]}
+                    if letters["total"]:
+                        break
+                await asyncio.sleep(0.1)
+            assert seen.get("messages") and seen.get("letters"), seen
+            wanted = 'kafka_consumergroup_lag{consumergroup="shipping",partition="0",topic="demo-orders"}'
+            for _ in range(150):  # the lag sampler runs every 5 s
+                if wanted in (await http.get("/metrics")).text:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the demo's lag never reached /metrics")
+    finally:
+        assert served.stop(signal.SIGINT) == 0, served.stderr()
+    assert "demo order pipeline running" in served.stderr()

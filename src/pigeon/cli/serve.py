@@ -32,10 +32,14 @@ def serve(
             envvar="PIGEON_TOKEN", help="Bearer token the admin API requires (needed off loopback)."
         ),
     ] = None,
+    demo: Annotated[
+        bool,
+        typer.Option("--demo", help="Run a demo order pipeline through the server (needs pigeon[nats,sql])."),
+    ] = False,
 ) -> None:
     """Serve the data folder to NATS clients (core and JetStream) until SIGTERM or SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = ServeOptions(data=data, host=host, port=port, http_port=http_port, token=token)
+    options = ServeOptions(data=data, host=host, port=port, http_port=http_port, token=token, demo=demo)
     try:
         asyncio.run(run(options))
     except (PigeonError, OSError) as error:

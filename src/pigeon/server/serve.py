@@ -39,6 +39,7 @@ class ServeOptions:
     http_port: int = DEFAULT_HTTP_PORT
     sample_interval_s: float = 5.0  # how often group lag is sampled for health and /metrics
     token: str | None = None  # required by the admin API when set; without it, loopback only
+    demo: bool = False  # run the demo order pipeline through the server (pigeon.demo)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,8 @@ async def running(options: ServeOptions) -> AsyncIterator[Running]:
         http = HttpServer(app, options.host, options.http_port)
         await http.start()
         stack.push_async_callback(http.stop)
+        if options.demo:
+            await _start_demo(stack, nats.url, options.data)
         yield Running(engine, nats, jetstream, api, observer, http)
 
 
@@ -104,6 +107,19 @@ async def run(options: ServeOptions) -> None:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+
+
+async def _start_demo(stack: contextlib.AsyncExitStack, url: str, data: Path) -> None:
+    """The demo is a client like any other: it talks to this server over NATS."""
+    from ..demo import OrderPipeline
+    from ..transport import connect
+
+    transport = await connect(url)
+    stack.push_async_callback(transport.close)
+    pipeline = OrderPipeline(transport, data / "demo")
+    await pipeline.start()
+    stack.push_async_callback(pipeline.stop)
+    log.info("demo order pipeline running: streams demo-orders and demo-invoices")
 
 
 def _loopback(host: str) -> bool:
