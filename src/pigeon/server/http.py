@@ -1,6 +1,6 @@
 """The HTTP side of ``pigeon serve``: a Starlette app run by uvicorn on the server's event loop.
 
-``/healthz``, ``/metrics`` (Prometheus) and the admin API under ``/api/``.
+``/healthz``, ``/metrics`` (Prometheus), the admin API under ``/api/`` and the dashboard at ``/``.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from ..engine import Engine
 from ..errors import InvalidConfigError, TransportClosedError
 from .admin import AdminConfig, admin_routes
+from .dashboard import dashboard_routes
 from .metrics import CONTENT_TYPE_LATEST, Observer
 from .nats import NatsServer
 from .pigeon_api import PigeonApi
@@ -38,8 +39,9 @@ def create_app(
     async def metrics(request: Request) -> Response:
         return Response(observer.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    routes = [Route("/healthz", healthz), Route("/metrics", metrics)]
-    return Starlette(routes=routes + admin_routes(engine, nats, api, observer, admin or AdminConfig()))
+    routes: list[BaseRoute] = [Route("/healthz", healthz), Route("/metrics", metrics)]
+    routes += admin_routes(engine, nats, api, observer, admin or AdminConfig())
+    return Starlette(routes=routes + dashboard_routes())
 
 
 class _EmbeddedServer(uvicorn.Server):
