@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import typer
 
-from . import exporter, serve
+from . import exporter, lag, serve
 
 __all__ = ["app", "main"]
 
@@ -32,6 +32,7 @@ def _root() -> None:
 
 app.command("serve")(serve.serve)
 app.command("exporter")(exporter.exporter)
+app.command("lag")(lag.lag)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
