@@ -186,3 +186,20 @@ async def test_no_token_means_loopback_only(tmp_path: Path) -> None:
     with pytest.raises(InvalidConfigError, match="without a token"):
         async with running(ServeOptions(data=tmp_path / "data", host="0.0.0.0", port=0, http_port=0)):
             pass
+
+
+async def test_a_shared_group_without_members_starts_over(
+    http: httpx.AsyncClient, transport: Transport
+) -> None:
+    await http.post("/api/streams", json={"name": "jobs", "subjects": ["jobs.>"]})
+    for i in range(6):
+        await transport.publish("jobs.x", b"%d" % i)
+    consumer = await transport.consumer("jobs", ConsumerSpec("workers", max_deliver=7))
+    for received in await consumer.fetch(6, 2):
+        await received.ack()
+    await consumer.close()
+    assert (await http.get("/api/streams/jobs/groups/workers")).json()["lag"] == 0
+    reset = await http.post("/api/streams/jobs/groups/workers/reset", json={"to": "offset", "value": 2})
+    assert reset.status_code == 200, reset.text
+    group = reset.json()
+    assert group["lag"] == 4 and group["kind"] == "shared" and group["config"]["max_deliver"] == 7

@@ -810,9 +810,18 @@ async def test_reset_offsets_needs_a_group_without_members(env: Env) -> None:
     assert committed(engine) == [3, 3]
     with pytest.raises(GroupNotFoundError):
         await engine.reset_group_offsets(STREAM, "nope", StartAt.earliest())
-    await engine.shared_group(STREAM, SharedGroupConfig("shared"))
-    with pytest.raises(InvalidConfigError):
+    # A shared group starts over from the new position, keeping its configuration.
+    shared = await engine.shared_group(STREAM, SharedGroupConfig("shared", max_deliver=4))
+    member = shared.member("x")
+    for d in await member.fetch(10, 1):
+        await d.ack()
+    with pytest.raises(GroupHasMembersError):
         await engine.reset_group_offsets(STREAM, "shared", StartAt.earliest())
+    await member.leave()
+    await engine.reset_group_offsets(STREAM, "shared", StartAt.offset(2))
+    again = engine.group(STREAM, "shared")
+    assert again.config.max_deliver == 4 and again.config.start == StartAt.offset(2)
+    assert sorted((d.partition, d.offset) for d in await again.member("y").fetch(10, 1)) == [(0, 2), (1, 2)]
 
 
 # -- long polling, iteration, lag -------------------------------------------------------------------

@@ -74,6 +74,10 @@ async def test_lag_metrics_match_the_engine(served: Running) -> None:
             s.value for s in Status
         }
         assert value(found, "pigeon_stream_messages", stream="orders") == 40
+        assert value(found, "pigeon_stream_messages_published_total", stream="orders") == 40
+        committed = sum(p.committed for p in engine_lags)
+        labels = {"consumergroup": "billing", "topic": "orders"}
+        assert value(found, "pigeon_group_messages_committed_total", **labels) == committed
         assert value(found, "pigeon_server_connections") >= 1
         assert value(found, "pigeon_server_slow_consumers_total") == 0
         await consumer.close()

@@ -10,6 +10,7 @@ Layout of a data folder::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
 import json
 import os
@@ -24,6 +25,7 @@ from ..errors import (
     DataDirLockedError,
     EngineClosedError,
     GroupExistsError,
+    GroupHasMembersError,
     InvalidConfigError,
     InvalidMessageError,
     NoStreamForSubjectError,
@@ -421,13 +423,23 @@ class Engine:
         return self.group(stream, name).lag()
 
     async def reset_group_offsets(self, stream: str, name: str, start: StartAt) -> None:
-        """Move an ordered group's committed offsets (only while it has no members)."""
+        """Move a group to ``start`` (only while it has no members).
+
+        An ordered group moves its committed offsets. A shared group's progress is per
+        message, so it starts over: it is made again with the same configuration and the new
+        start, forgetting its leases and pending redeliveries (its dead letters stay).
+        """
         group = self.group(stream, name)
-        if not isinstance(group, OrderedGroup):
-            raise InvalidConfigError(
-                f"group {name!r} is a shared group: its progress is per message, not an offset"
+        if isinstance(group, OrderedGroup):
+            await group.reset_offsets(start)
+            return
+        if group.member_names():
+            raise GroupHasMembersError(
+                f"group {name!r} has members {group.member_names()}: it can only be reset while it has none"
             )
-        await group.reset_offsets(start)
+        config = dataclasses.replace(group.config, start=start)
+        await self.delete_group(stream, name)
+        await self.shared_group(stream, config)
 
     # -- reading ------------------------------------------------------------------------------
 

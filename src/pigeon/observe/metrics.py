@@ -13,7 +13,8 @@ kafka_exporter, so Grafana dashboards built for Kafka work unchanged:
 - ``kafka_consumergroup_lag_sum{consumergroup,topic}``;
 
 and pigeon's own: ``pigeon_group_health_status{consumergroup,topic}`` (the `Status` value),
-``pigeon_group_messages_in_flight`` and ``pigeon_group_messages_waiting`` per partition, and
+``pigeon_group_messages_in_flight`` and ``pigeon_group_messages_waiting`` per partition,
+``pigeon_group_messages_committed_total`` (its rate is the consume rate), and
 ``pigeon_dead_letters{consumergroup,topic}`` where the depth is known. A group whose lag could
 not be read is absent, never reported as zero.
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ..engine.groups.lag import PartitionLag
@@ -102,6 +103,11 @@ class LagCollector(Collector):
             "Messages in the group's dead-letter stream",
             labels=["consumergroup", "topic"],
         )
+        committed = CounterMetricFamily(
+            "pigeon_group_messages_committed",
+            "Offsets the group has finished, over all partitions (rate() is the consume rate)",
+            labels=["consumergroup", "topic"],
+        )
         heads: dict[tuple[str, int], int] = {}
         for (stream, group), snapshot in sorted(self._groups.items()):
             for p in snapshot.lags:
@@ -112,10 +118,11 @@ class LagCollector(Collector):
                 waiting.add_metric(labels, p.waiting)
                 heads[(stream, p.partition)] = max(heads.get((stream, p.partition), 0), p.head)
             lag_sum.add_metric([group, stream], sum(p.lag for p in snapshot.lags))
+            committed.add_metric([group, stream], sum(p.committed for p in snapshot.lags))
             if snapshot.health is not None:
                 health.add_metric([group, stream], int(snapshot.health))
             if snapshot.dead_letters is not None:
                 letters.add_metric([group, stream], snapshot.dead_letters)
         for (stream, partition), value in sorted(heads.items()):
             head.add_metric([stream, str(partition)], value)
-        yield from (lag, current, head, lag_sum, in_flight, waiting, health, letters)
+        yield from (lag, current, head, lag_sum, committed, in_flight, waiting, health, letters)

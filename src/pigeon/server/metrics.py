@@ -99,12 +99,18 @@ class _ServerCollector(Collector):
             "pigeon_server_slow_consumers", "Client connections cut off for not reading fast enough"
         )
         slow.add_metric([], self.nats.slow_consumers)
+        published = CounterMetricFamily(
+            "pigeon_stream_messages_published",
+            "Messages ever stored in the stream (offsets only grow: rate() is the publish rate)",
+            labels=["stream"],
+        )
         messages = GaugeMetricFamily(
             "pigeon_stream_messages", "Messages stored in the stream", labels=["stream"]
         )
         size = GaugeMetricFamily("pigeon_stream_bytes", "Bytes stored in the stream", labels=["stream"])
         for stream in self.engine.streams():
             info = self.engine.stream_info(stream)
+            published.add_metric([stream], sum(p.next_offset for p in info.partitions))
             messages.add_metric([stream], info.messages)
             size.add_metric([stream], info.bytes)
-        yield from (connections, slow, messages, size)
+        yield from (connections, slow, published, messages, size)
