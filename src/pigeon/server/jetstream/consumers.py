@@ -194,6 +194,10 @@ def header_block(headers: dict[str, str]) -> bytes:
     return f"NATS/1.0\r\n{lines}\r\n".encode()
 
 
+# A big pull is served in chunks of this many messages, written as they are ready.
+_CHUNK = 100
+
+
 class PullConsumer:
     """One consumer of one stream: the shared group, its member and the deliveries not settled."""
 
@@ -236,10 +240,14 @@ class PullConsumer:
                     timeout = _POLL_S
                 else:
                     timeout = max(0.0, deadline - time.monotonic())
-                deliveries = await self.member.fetch(left, timeout)
+                deliveries = await self.member.fetch(min(left, _CHUNK), timeout)
                 wanted = await self._skip_filtered(deliveries)
                 self._send(reply, wanted)
                 left -= len(wanted)
+                if left and wanted:
+                    # Let this chunk go out before making the next: the client parses it
+                    # while the server prepares the rest.
+                    await asyncio.sleep(0)
                 if left and not waits and len(wanted) == len(deliveries):
                     self.server.publish(reply, headers=_NO_MESSAGES)
                     return
