@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from pigeon.engine import Engine, SharedGroupConfig, StreamConfig
 from pigeon.engine.groups.lag import PartitionLag
 from pigeon.errors import InvalidConfigError
-from pigeon.observe.alerts import Thresholds, check, exit_code
-from pigeon.observe.health import HealthMonitor, HealthRules, Status
+from pigeon.observe.alerts import Alert, Thresholds, check, exit_code
+from pigeon.observe.health import HealthMonitor, HealthRules, Sample, Status
 
 
 def lag(committed: int, head: int, partition: int = 0, in_flight: int = 0) -> PartitionLag:
@@ -47,6 +47,13 @@ def test_offset_going_backwards_is_rewind() -> None:
     assert feed([(10, 50), (20, 60), (5, 60)]) is Status.REWIND
 
 
+def test_a_rewind_after_catching_up_is_ok_until_the_zero_lag_leaves_the_window() -> None:
+    rules = HealthRules(window=4, min_samples=3)
+    caught_up_then_reset = [(50, 50), (60, 70), (5, 70), (20, 70)]
+    assert feed(caught_up_then_reset, rules=rules) is Status.OK
+    assert feed([*caught_up_then_reset, (30, 70)], rules=rules) is Status.REWIND
+
+
 def test_no_progress_and_nothing_in_flight_is_stop() -> None:
     assert feed([(10, 50), (10, 55), (10, 60)]) is Status.STOP
 
@@ -64,7 +71,8 @@ def test_progress_with_the_lag_coming_down_is_ok() -> None:
 
 
 def test_a_flat_lag_with_progress_is_ok() -> None:
-    # Keeping pace, never caught up, not falling behind: Burrow's rule 3 wants growth.
+    # Keeping pace, never caught up, not falling behind. Burrow would warn on a flat lag;
+    # pigeon wants it to grow (docs/operations.md).
     assert feed([(10, 60), (20, 70), (30, 80)]) is Status.OK
 
 
@@ -86,6 +94,45 @@ def test_group_status_takes_the_worst_partition() -> None:
     for second, (committed, head) in enumerate([(10, 50), (20, 70), (30, 95)]):
         health = warn_only.observe("s", "g", [lag(committed, head)], now=second)
     assert health.status is Status.WARN
+
+
+@pytest.mark.parametrize(
+    ("bad", "in_flight", "expected"),
+    [
+        ([(10, 50), (20, 60), (5, 60)], 0, Status.REWIND),
+        ([(10, 50), (10, 50), (10, 50)], 2, Status.STALL),
+    ],
+)
+def test_stall_and_rewind_make_the_group_err(
+    bad: list[tuple[int, int]], in_flight: int, expected: Status
+) -> None:
+    monitor = HealthMonitor()
+    health = None
+    for second, (committed, head) in enumerate(bad):
+        healthy = lag(second * 10, second * 10, partition=0)
+        warn = lag(second * 10, 50 + second * 25, partition=2)
+        sick = lag(committed, head, partition=1, in_flight=in_flight)
+        health = monitor.observe("s", "g", [healthy, sick, warn], now=second)
+    assert health is not None
+    assert [p.status for p in health.partitions] == [Status.OK, expected, Status.WARN]
+    assert health.status is Status.ERR
+
+
+def test_complete_once_every_window_is_full_and_forget_drops_the_group() -> None:
+    monitor = HealthMonitor(HealthRules(window=3, min_samples=2), clock=lambda: 7.0)
+    states = []
+    for committed in (1, 2, 3):
+        health = monitor.observe("s", "g", [lag(committed, 10)])
+        states.append((health.complete, health.partitions[0].status))
+    assert states == [(False, Status.OK), (False, Status.OK), (True, Status.OK)]
+    monitor.forget("s", "g")
+    health = monitor.evaluate("s", "g")
+    assert health.partitions == () and not health.complete and health.status is Status.OK
+
+
+def test_samples_and_alerts_build_as_the_contract_says() -> None:
+    assert Sample(1.0, 10, 15).lag == 5 and not Sample(1.0, 10, 15).active
+    assert Alert("s", "g", None, "lag", "too far").severity == "error"
 
 
 def test_rules_are_validated() -> None:

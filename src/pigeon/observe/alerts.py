@@ -9,16 +9,17 @@ at the committed offset) is reported as unknown, never treated as zero.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import InvalidConfigError
-from .health import GroupHealth, Status
+from .health import GroupHealth, PartitionHealth, Status
 
 __all__ = ["Alert", "Thresholds", "check", "exit_code"]
 
 AlertKind = Literal["lag", "time_behind", "health"]
+Severity = Literal["warn", "error"]  # what exit_code maps to 1 and 2
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,8 @@ class Alert:
     group: str
     partition: int | None
     kind: AlertKind
-    severity: Literal["warn", "error"]
     message: str
+    severity: Severity = "error"
 
 
 def check(
@@ -56,58 +57,34 @@ def check(
     thresholds: Thresholds,
     time_behind_s: Mapping[int, float | None] | None = None,
 ) -> list[Alert]:
-    """The alerts for one group: its health status, then each threshold a partition passes."""
-    where = f"{health.stream}/{health.group}"
-    alerts: list[Alert] = []
-    for p in health.partitions:
-        if p.status is not Status.OK:
-            severity: Literal["warn", "error"] = "warn" if p.status is Status.WARN else "error"
-            alerts.append(
-                Alert(
-                    health.stream,
-                    health.group,
-                    p.partition,
-                    "health",
-                    severity,
-                    f"{where}[{p.partition}] {p.status.name}: {p.reason}",
-                )
-            )
-        if thresholds.max_lag is not None and p.lag > thresholds.max_lag:
-            alerts.append(
-                Alert(
-                    health.stream,
-                    health.group,
-                    p.partition,
-                    "lag",
-                    "error",
-                    f"{where}[{p.partition}] lag {p.lag} is over {thresholds.max_lag}",
-                )
-            )
-        if thresholds.max_time_behind_s is not None and p.lag:
-            behind = (time_behind_s or {}).get(p.partition)
-            if behind is None:
-                alerts.append(
-                    Alert(
-                        health.stream,
-                        health.group,
-                        p.partition,
-                        "time_behind",
-                        "warn",
-                        f"{where}[{p.partition}] time behind is unknown on this transport",
-                    )
-                )
-            elif behind > thresholds.max_time_behind_s:
-                alerts.append(
-                    Alert(
-                        health.stream,
-                        health.group,
-                        p.partition,
-                        "time_behind",
-                        "error",
-                        f"{where}[{p.partition}] {behind:.1f}s behind, over {thresholds.max_time_behind_s}s",
-                    )
-                )
-    return alerts
+    """The alerts for one group: for each partition its health status, then each threshold it passes."""
+    behind = time_behind_s or {}
+    return [
+        Alert(
+            health.stream,
+            health.group,
+            p.partition,
+            kind,
+            f"{health.stream}/{health.group}[{p.partition}] {text}",
+            severity,
+        )
+        for p in health.partitions
+        for kind, text, severity in _partition_alerts(p, thresholds, behind.get(p.partition))
+    ]
+
+
+def _partition_alerts(
+    p: PartitionHealth, thresholds: Thresholds, behind: float | None
+) -> Iterator[tuple[AlertKind, str, Severity]]:
+    if p.status is not Status.OK:
+        yield "health", f"{p.status.name}: {p.reason}", "warn" if p.status is Status.WARN else "error"
+    if thresholds.max_lag is not None and p.lag > thresholds.max_lag:
+        yield "lag", f"lag {p.lag} is over {thresholds.max_lag}", "error"
+    if thresholds.max_time_behind_s is not None and p.lag:
+        if behind is None:
+            yield "time_behind", "time behind is unknown on this transport", "warn"
+        elif behind > thresholds.max_time_behind_s:
+            yield "time_behind", f"{behind:.1f}s behind, over {thresholds.max_time_behind_s}s", "error"
 
 
 def exit_code(alerts: Sequence[Alert]) -> int:

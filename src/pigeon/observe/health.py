@@ -7,11 +7,13 @@ read from the snapshot itself: messages leased to members (``in_flight``) or wai
 redelivery mean someone is processing. Rules per partition, first match wins (docs/operations.md):
 
 1. fewer than ``min_samples`` samples: OK, not complete yet;
-2. the committed offset went backwards between two samples: REWIND;
-3. the lag was zero in some sample of the window: OK;
+2. the lag was zero in some sample of the window: OK (a consumer that caught up is healthy,
+   even if it was rewound since, as in Burrow);
+3. the committed offset went backwards between two samples: REWIND;
 4. the committed offset did not move over the window: STALL if messages are in flight (the
    consumer works but makes no progress), else STOP (nobody is consuming);
-5. the committed offset moved, but the lag never shrank between samples and grew overall: WARN;
+5. the committed offset moved, but the lag never shrank between samples and grew overall: WARN
+   (Burrow also warns on a flat lag; pigeon wants growth, so a consumer keeping pace is OK);
 6. otherwise (the lag is coming down): OK.
 
 A group is OK when every partition is, WARN when the worst is WARN, and ERR when any partition
@@ -52,7 +54,9 @@ class Sample:
     timestamp: float
     committed: int
     head: int
-    active: bool  # messages leased or waiting for redelivery when it was taken
+    # Messages leased or waiting for redelivery when it was taken: our stand-in for Burrow's
+    # "the consumer is committing", which tells STALL from STOP.
+    active: bool = False
 
     @property
     def lag(self) -> int:
@@ -137,12 +141,12 @@ class HealthMonitor:
 
         if len(samples) < self.rules.min_samples:
             return health(Status.OK, f"collecting samples ({len(samples)} of {self.rules.min_samples})")
+        if any(s.lag == 0 for s in samples):
+            return health(Status.OK, "caught up within the window")
         pairs = list(itertools.pairwise(samples))
         for before, after in pairs:
             if after.committed < before.committed:
                 return health(Status.REWIND, f"offset went back from {before.committed} to {after.committed}")
-        if any(s.lag == 0 for s in samples):
-            return health(Status.OK, "caught up within the window")
         if last.committed == samples[0].committed:
             if last.active:
                 return health(Status.STALL, f"offset stuck at {last.committed} while messages are in flight")
