@@ -12,7 +12,9 @@ from typing import Any
 import nats
 import pytest
 
-from pigeon import wire
+from pigeon import errors, wire
+from pigeon.engine.config import StartAt
+from pigeon.engine.groups.config import Backoff
 from pigeon.errors import (
     AlreadySettledError,
     InvalidMessageError,
@@ -66,6 +68,7 @@ async def publish(nc: nats.NATS, *messages: Message) -> list[Any]:
 async def test_info_names_pigeon(nc: nats.NATS) -> None:
     info = await call(nc, "INFO")
     assert info["server"] == "pigeon" and info["api"] == wire.PROTOCOL_VERSION
+    assert {"partitions", "ordered_groups", "dead_letters"} <= set(info["capabilities"])
 
 
 async def test_streams_create_state_list_purge_delete(nc: nats.NATS) -> None:
@@ -116,6 +119,61 @@ async def test_a_publish_reaches_core_subscribers_once_and_a_duplicate_not_at_al
     assert got[0].data == b"one" and got[0].headers["h"] == "v" and got[0].headers["Pigeon-Key"] == "k"
     assert (await call(nc, "STREAM.STATE", {"name": name}))["messages"] == 1  # stored once, not twice
     await sub.unsubscribe()
+
+
+async def test_a_one_message_publish_names_its_subject_key_and_id_in_headers(nc: nats.NATS) -> None:
+    name, prefix = await make_stream(nc, partitions=4)
+    got: list[Any] = []
+
+    async def receive(msg: Any) -> None:
+        got.append(msg)
+
+    sub = await nc.subscribe(f"{prefix}.>", cb=receive)
+    await nc.flush()
+    headers = {"Pigeon-Subject": f"{prefix}.a", "Pigeon-Key": "k1", "Nats-Msg-Id": "one", "h": "v"}
+    first = await nc.request(wire.API + "PUB", b"payload", headers=headers, timeout=5)
+    ack = json.loads(first.data)
+    assert ack["stream"] == name and ack["offset"] == 0 and ack["duplicate"] is False
+    again = json.loads((await nc.request(wire.API + "PUB", b"payload", headers=headers, timeout=5)).data)
+    assert again == {**ack, "duplicate": True}
+    uncaptured = {"Pigeon-Subject": "nobody.captures.this"}
+    assert json.loads((await nc.request(wire.API + "PUB", b"x", headers=uncaptured, timeout=5)).data) == {
+        "stored": False
+    }
+    # The key routes it like a records publish with the same key.
+    (same,) = await publish(nc, Message(f"{prefix}.a", b"other", key="k1"))
+    assert same["partition"] == ack["partition"]
+    await asyncio.sleep(0.3)
+    assert [m.data for m in got] == [b"payload", b"other"]
+    assert got[0].headers["h"] == "v" and got[0].headers["Pigeon-Key"] == "k1"
+    assert "Pigeon-Subject" not in got[0].headers and got[0].subject == f"{prefix}.a"
+    state = await call(nc, "STREAM.STATE", {"name": name})
+    assert state["messages"] == 2
+    await sub.unsubscribe()
+
+
+async def test_a_member_that_left_is_not_found_and_a_deleted_stream_takes_its_dead_letters(
+    nc: nats.NATS,
+) -> None:
+    name, prefix = await make_stream(nc)
+    await publish(nc, Message(f"{prefix}.o", b"poison"))
+    spec = {"group": "g", "kind": "shared", "max_deliver": 1}
+    member = (await call(nc, "GROUP.JOIN", {"stream": name, "spec": spec}))["member"]
+    (record,) = await call(nc, "GROUP.FETCH", {"member": member, "batch": 1, "expires_s": 2})
+    where = {"partition": record.message.partition, "offset": record.message.offset}
+    await call(nc, "ACK", {"member": member, "op": "term", **where})
+    streams = set((await call(nc, "STREAM.LIST"))["streams"])
+    letters = streams - {name}
+    assert any(name in s for s in letters), streams  # the group's dead-letter stream exists
+    await call(nc, "GROUP.LEAVE", {"member": member})
+    await call(nc, "GROUP.LEAVE", {"member": member})  # leaving twice is harmless
+    with pytest.raises(MemberNotFoundError):
+        await call(nc, "GROUP.FETCH", {"member": member, "batch": 1, "expires_s": 0})
+    with pytest.raises(MemberNotFoundError):
+        await call(nc, "ACK", {"member": member, "op": "ack", **where})
+    await call(nc, "STREAM.DELETE", {"name": name})
+    after = set((await call(nc, "STREAM.LIST"))["streams"])
+    assert not after & (letters | {name})
 
 
 async def test_a_single_partition_stream_made_here_is_a_jetstream_stream(nc: nats.NATS) -> None:
@@ -195,6 +253,13 @@ async def test_ordered_groups_split_partitions_between_connections(served: Runni
     await other.close()
 
 
+async def test_a_header_publish_without_a_subject_is_refused(nc: nats.NATS) -> None:
+    reply = await nc.request(wire.API + "PUB", b"x", headers={"Pigeon-Subject": ""}, timeout=5)
+    assert json.loads(reply.data)["error"]["type"] in {"InvalidMessageError", "InvalidSubjectError"}
+    reply = await nc.request(wire.API + "PUB", b"x", headers={"Pigeon-Subject": "a..b"}, timeout=5)
+    assert json.loads(reply.data)["error"]["type"] == "InvalidSubjectError"
+
+
 @pytest.mark.parametrize(
     ("operation", "payload"),
     [
@@ -208,6 +273,14 @@ async def test_ordered_groups_split_partitions_between_connections(served: Runni
         ("ACK", b'{"member": "m999", "partition": 0, "offset": 0, "op": "ack"}'),
         ("PUB", b"\x00\x00\x00\x09garbage"),
         ("NO.SUCH.THING", b"{}"),
+        ("STREAM.STATE", b'{"name": "x", "nmae": "x"}'),
+        ("GROUP.JOIN", b'{"stream": "s", "spec": {"group": "g", "ack_wait": 5}}'),
+        ("GROUP.JOIN", b'{"stream": "s", "spec": "g"}'),
+        ("GROUP.JOIN", b'{"stream": "s", "spec": {"group": "g"}, "member": 7}'),
+        ("GROUP.FETCH", b'{"member": "m1", "batch": 1, "timeout": 1}'),
+        ("GROUP.FETCH", b'{"member": "m999", "batch": 0}'),
+        ("ACK", b'{"member": "m999", "partition": 0, "offset": 0, "op": "ack", "why": 1}'),
+        ("INFO", b'{"verbose": true}'),
     ],
 )
 async def test_bad_requests_get_a_specific_error(nc: nats.NATS, operation: str, payload: bytes) -> None:
@@ -249,3 +322,49 @@ def test_records_round_trip_and_malformed_ones_are_refused() -> None:
     assert (back.message.stream, back.message.partition, back.message.offset) == ("s", 1, 7)
     with pytest.raises(InvalidMessageError):
         wire.decode_records(wire.encode_records([wire.Record(message)])[:-1])
+
+
+def test_every_pigeon_error_and_config_value_round_trips() -> None:
+    classes = [
+        cls for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.PigeonError)
+    ]
+    assert len(classes) > 10
+    for cls in classes:
+        sent = wire.error_from_json({"type": cls.__name__, "description": "what went wrong"})
+        assert type(sent) is cls
+        back = wire.error_from_json(json.loads(wire.encode(wire.error_to_json(sent)))["error"])
+        assert type(back) is cls and str(back) == str(sent)
+    conflict = errors.ConcurrencyConflictError("no", expected=3, actual=4)
+    back = wire.error_from_json(json.loads(wire.encode(wire.error_to_json(conflict)))["error"])
+    assert isinstance(back, errors.ConcurrencyConflictError) and (back.expected, back.actual) == (3, 4)
+    unsupported = errors.UnsupportedFeatureError("x", "partitions", "use file://")
+    back = wire.error_from_json(wire.error_to_json(unsupported)["error"])
+    assert isinstance(back, errors.UnsupportedFeatureError) and back.feature == "partitions"
+    assert type(wire.error_from_json({"type": "SystemExit", "description": "no"})) is errors.PigeonError
+    assert wire.error_to_json(KeyError("k"))["error"]["type"] == "PigeonError"  # not ours: generic
+    for start in (StartAt.earliest(), StartAt.latest(), StartAt.offset(5), StartAt.time(12.5)):
+        assert wire.start_from_json(json.loads(wire.encode(wire.start_to_json(start)))) == start
+    backoff = Backoff(delays_s=(1.0, 2.5), jitter=0)
+    assert wire.backoff_from_json(json.loads(wire.encode(wire.backoff_to_json(backoff)))) == backoff
+    with pytest.raises(errors.InvalidConfigError):
+        wire.backoff_from_json({"delay": 1})
+
+
+async def test_a_waiting_fetch_is_answered_at_once_when_its_member_leaves_or_its_group_goes(
+    nc: nats.NATS,
+) -> None:
+    name, _ = await make_stream(nc)
+    spec = {"group": "g", "kind": "shared"}
+    member = (await call(nc, "GROUP.JOIN", {"stream": name, "spec": spec}))["member"]
+    waiting = asyncio.create_task(call(nc, "GROUP.FETCH", {"member": member, "batch": 1, "expires_s": 30}))
+    await asyncio.sleep(0.2)
+    started = asyncio.get_running_loop().time()
+    await call(nc, "GROUP.LEAVE", {"member": member})
+    assert await waiting == []
+    member = (await call(nc, "GROUP.JOIN", {"stream": name, "spec": spec}))["member"]
+    waiting = asyncio.create_task(call(nc, "GROUP.FETCH", {"member": member, "batch": 1, "expires_s": 30}))
+    await asyncio.sleep(0.2)
+    await call(nc, "GROUP.DELETE", {"stream": name, "group": "g"})
+    with pytest.raises(MemberNotFoundError):
+        await waiting
+    assert asyncio.get_running_loop().time() - started < 3  # not after the 30 s long poll

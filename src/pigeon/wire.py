@@ -24,10 +24,17 @@ from .message import Message
 
 __all__ = [
     "API",
+    "CAPABILITIES",
+    "KEY_HEADER",
+    "MSG_ID_HEADER",
     "PROTOCOL_VERSION",
+    "REQUEST_FIELDS",
+    "SPEC_FIELDS",
+    "SUBJECT_HEADER",
     "Record",
     "backoff_from_json",
     "backoff_to_json",
+    "check_fields",
     "decode",
     "decode_records",
     "encode",
@@ -46,6 +53,56 @@ API = "$PIGEON.API."
 PROTOCOL_VERSION = 1
 _LENGTH = struct.Struct(">I")
 
+# What the engine does natively that JetStream's API has no name for; INFO lists them.
+CAPABILITIES = (
+    "partitions",
+    "keyed_publish",
+    "batch_publish",
+    "ordered_groups",
+    "shared_groups",
+    "key_ordered",
+    "dead_letters",
+    "lag",
+    "dedup",
+)
+
+# A one-message PUB names its subject (and key and id) in headers, the payload being the message.
+SUBJECT_HEADER = "Pigeon-Subject"
+KEY_HEADER = "Pigeon-Key"
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+# The fields each JSON request may carry: anything else is a client mistake worth naming.
+REQUEST_FIELDS: dict[str, frozenset[str]] = {
+    "INFO": frozenset(),
+    "STREAM.CREATE": frozenset(
+        {"name", "subjects", "partitions", "max_age_s", "max_msgs", "max_bytes", "dedup_window_s"}
+    ),
+    "STREAM.DELETE": frozenset({"name"}),
+    "STREAM.STATE": frozenset({"name"}),
+    "STREAM.LIST": frozenset(),
+    "STREAM.PURGE": frozenset({"name"}),
+    "GROUP.JOIN": frozenset({"stream", "spec", "member"}),
+    "GROUP.LEAVE": frozenset({"member"}),
+    "GROUP.FETCH": frozenset({"member", "batch", "expires_s"}),
+    "GROUP.DELETE": frozenset({"stream", "group"}),
+    "GROUP.LAG": frozenset({"stream", "group"}),
+    "GROUP.DEAD_LETTERS": frozenset({"stream", "group", "max"}),
+    "ACK": frozenset({"member", "partition", "offset", "op", "delay", "error"}),
+}
+SPEC_FIELDS = frozenset(
+    {
+        "group",
+        "kind",
+        "start",
+        "ack_wait_s",
+        "max_deliver",
+        "backoff",
+        "max_ack_pending",
+        "key_ordered",
+        "dead_letter",
+    }
+)
+
 
 def encode(body: Any) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
@@ -60,6 +117,13 @@ def decode(payload: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise errors.InvalidMessageError("expected a JSON object")
     return body
+
+
+def check_fields(body: dict[str, Any], allowed: frozenset[str], what: str) -> None:
+    """`InvalidMessageError` naming the fields of ``body`` that ``what`` does not take."""
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise errors.InvalidMessageError(f"{what}: unknown fields {unknown}; it takes {sorted(allowed)}")
 
 
 # -- header values ------------------------------------------------------------------------------

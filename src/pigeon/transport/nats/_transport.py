@@ -156,14 +156,13 @@ class NatsTransport(StreamAdmin, Transport):
                 await nc.close()
             raise TransportClosedError(f"cannot connect to NATS at {url!r}: {error!r}") from None
         transport = cls(nc, options)
-        await nc.subscribe(f"{transport._ack_prefix}*", cb=transport._on_ack)
         from ._pigeon import PigeonServeTransport, serves_pigeon_api
 
         if cls is NatsTransport and await serves_pigeon_api(transport):
-            # pigeon serve: its own API gives the engine's partitions, groups and dead letters.
-            pigeon = PigeonServeTransport(nc, options)
-            pigeon._ack_prefix = transport._ack_prefix
-            return pigeon
+            # pigeon serve: its own API gives the engine's partitions, groups and dead letters
+            # (and answers publishes itself, so the JetStream ack inbox below is not needed).
+            return PigeonServeTransport(nc, options)
+        await nc.subscribe(f"{transport._ack_prefix}*", cb=transport._on_ack)
         return transport
 
     async def close(self) -> None:
