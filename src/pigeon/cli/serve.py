@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from ..engine.config import Durability
 from ..errors import PigeonError
 from ..server.http import DEFAULT_HTTP_PORT
 from ..server.nats import DEFAULT_PORT
@@ -36,10 +37,19 @@ def serve(
         bool,
         typer.Option("--demo", help="Run a demo order pipeline through the server (needs pigeon[nats,sql])."),
     ] = False,
+    durability: Annotated[
+        Durability,
+        typer.Option(
+            help="Durability of the streams JetStream clients create: 'always' fsyncs before each "
+            "PubAck, 'interval' every 100 ms, 'never' leaves it to the OS."
+        ),
+    ] = "interval",
 ) -> None:
     """Serve the data folder to NATS clients (core and JetStream) until SIGTERM or SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = ServeOptions(data=data, host=host, port=port, http_port=http_port, token=token, demo=demo)
+    options = ServeOptions(
+        data=data, host=host, port=port, http_port=http_port, token=token, demo=demo, durability=durability
+    )
     try:
         asyncio.run(run(options))
     except (PigeonError, OSError) as error:

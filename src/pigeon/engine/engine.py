@@ -304,6 +304,14 @@ class Engine:
             ),
         )
 
+    def subject_count(self, name: str) -> int:
+        """How many distinct subjects the retained messages of a stream have."""
+        self._check_open()
+        partitions = self._stream(name).partitions
+        if len(partitions) == 1:
+            return len(partitions[0].last_by_subject)
+        return len(set().union(*(p.last_by_subject for p in partitions)))
+
     def stream_for_subject(self, subject: str) -> Stream:
         stream = self._route_cache.get(subject)
         if stream is None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine import Engine
+from ..engine.config import Durability
 from ..errors import InvalidConfigError
 from .admin import AdminConfig
 from .http import DEFAULT_HTTP_PORT, HttpServer, create_app
@@ -40,6 +41,7 @@ class ServeOptions:
     sample_interval_s: float = 5.0  # how often group lag is sampled for health and /metrics
     token: str | None = None  # required by the admin API when set; without it, loopback only
     demo: bool = False  # run the demo order pipeline through the server (pigeon.demo)
+    durability: Durability = "interval"  # of the streams JetStream clients create
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ async def running(options: ServeOptions) -> AsyncIterator[Running]:
         except OSError as error:
             raise _listen_error("NATS clients", options.host, options.port, error) from None
         stack.push_async_callback(nats.stop)
-        jetstream = await JetStream.attach(nats, engine)
+        jetstream = await JetStream.attach(nats, engine, durability=options.durability)
         stack.push_async_callback(jetstream.close)
         api = await PigeonApi.attach(nats, engine, jetstream)
         stack.push_async_callback(api.close)

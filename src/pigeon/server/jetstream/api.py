@@ -11,15 +11,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import dataclasses
 import json
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ...engine import Engine, Expect, SharedGroup, StreamConfig
+from ...engine import Engine, Expect, SharedGroup, StreamConfig, StreamInfo
+from ...engine.config import Durability
 from ...errors import (
     ConcurrencyConflictError,
     GroupExistsError,
@@ -40,6 +41,7 @@ from ..nats import Delivery, NatsServer, Subscription
 from ..nats.protocol import parse_headers
 from . import errors
 from .consumers import (
+    PULL_CHUNK,
     PullConsumer,
     check_consumer_name,
     group_config_from_json,
@@ -48,7 +50,17 @@ from .consumers import (
 )
 from .errors import ApiError
 from .meta import ConsumerMeta, MetaStore
-from .streams import check_visible, config_from_json, config_to_json, created_ns, rfc3339, state_json
+from .streams import (
+    check_visible,
+    config_from_json,
+    config_to_json,
+    created_ns,
+    max_msg_size,
+    rfc3339,
+    same_jetstream_settings,
+    state_json,
+    updated_config,
+)
 
 __all__ = ["JetStream"]
 
@@ -58,6 +70,10 @@ _API = "$JS.API."
 _TYPE = "io.nats.jetstream.api.v1."
 _NO_RESPONDERS = b"NATS/1.0 503\r\n\r\n"
 _NAMES_LIMIT = 1024
+_STORE_RUN = 256
+# Chunks of a pull served ahead of the acks that came with it: the client works on them
+# while the acks are applied, so they must last it that long.
+_HEAD_CHUNKS = 2
 _LIST_LIMIT = 256
 _NS = 1_000_000_000
 # nats-server deletes an ephemeral consumer after this long without pull requests.
@@ -79,13 +95,41 @@ def _request_json(payload: bytes) -> Json:
     return data
 
 
+class _WorkQueue:
+    """What the worker reads: asyncio.Queue's put_nowait, get, get_nowait and empty, without
+    the bookkeeping it does not use (every message stored or acked passes through here)."""
+
+    def __init__(self) -> None:
+        self._items: deque[tuple[str, Delivery]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: tuple[str, Delivery]) -> None:
+        self._items.append(item)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def get_nowait(self) -> tuple[str, Delivery]:
+        return self._items.popleft()
+
+    async def get(self) -> tuple[str, Delivery]:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._items.popleft()
+
+
 class JetStream:
     """The JetStream API of one NatsServer over one Engine. ``await JetStream.attach(server, engine)``."""
 
-    def __init__(self, server: NatsServer, engine: Engine) -> None:
+    def __init__(self, server: NatsServer, engine: Engine, durability: Durability = "interval") -> None:
         self.server = server
         self.engine = engine
-        self._queue: asyncio.Queue[tuple[str, Delivery]] = asyncio.Queue()
+        self.durability = durability  # of the streams clients create
+        self._queue = _WorkQueue()
         self._captures: dict[str, list[Subscription]] = {}
         self._consumers: dict[tuple[str, str], PullConsumer] = {}
         self._subscriptions: list[Subscription] = []
@@ -95,14 +139,19 @@ class JetStream:
         self._meta = MetaStore(engine.path / "jetstream" / "consumers.json")
 
     @classmethod
-    async def attach(cls, server: NatsServer, engine: Engine) -> JetStream:
-        """Serve JetStream on ``server`` (started) from ``engine``'s single-partition streams."""
+    async def attach(
+        cls, server: NatsServer, engine: Engine, *, durability: Durability = "interval"
+    ) -> JetStream:
+        """Serve JetStream on ``server`` (started) from ``engine``'s single-partition streams;
+        streams created through it get ``durability``."""
+        if durability not in ("always", "interval", "never"):
+            raise InvalidConfigError(f"durability must be always, interval or never, not {durability!r}")
         try:
             server.port  # noqa: B018 - raises when the server is not started
         except TransportClosedError:
             # start() writes the INFO afresh: what attach advertised before would be lost.
             raise InvalidConfigError("attach JetStream to a started NatsServer") from None
-        js = cls(server, engine)
+        js = cls(server, engine, durability)
         server.advertise(jetstream=True)
         js._subscriptions = [
             server.subscribe(_API + ">", lambda d: js._queue.put_nowait(("api", d))),
@@ -137,10 +186,17 @@ class JetStream:
                 await task
 
     def _capture(self, config: StreamConfig) -> None:
-        self._captures[config.name] = [
-            self.server.subscribe(pattern, lambda d: self._queue.put_nowait(("pub", d)))
-            for pattern in config.subjects
-        ]
+        limit = max_msg_size(config)
+
+        def captured(delivery: Delivery) -> None:
+            if limit is not None and len(delivery.payload) + len(delivery.headers or b"") > limit:
+                # Refused unstored, as nats-server does: answered here, queued work untouched.
+                error = errors.message_too_large().body()
+                self._reply(delivery.reply, {"error": error, "stream": config.name, "seq": 0})
+                return
+            self._queue.put_nowait(("pub", delivery))
+
+        self._captures[config.name] = [self.server.subscribe(p, captured) for p in config.subjects]
 
     async def _run(self) -> None:
         handlers: dict[str, Callable[[Delivery], Awaitable[None]]] = {
@@ -155,17 +211,29 @@ class JetStream:
             kind, delivery = await self._queue.get()
             if kind in batched:
                 # Acks and publishes arrive in bursts (a client acks a fetched batch, or
-                # publishes without waiting): take every one of the kind already queued and
-                # apply them together, in order: one write instead of one per message.
+                # publishes without waiting): take those of the kind already queued and apply
+                # them together, in order: one write instead of one per message. Publishes
+                # go _STORE_RUN at a time, their PubAcks sent before the next run is stored,
+                # so that a client that publishes while acks come back never waits long.
                 run, following = [delivery], None
-                while following is None and not self._queue.empty():
+                most = _STORE_RUN if kind == "pub" else None
+                while following is None and not self._queue.empty() and len(run) != most:
                     item = self._queue.get_nowait()
                     if item[0] == kind:
                         run.append(item[1])
                     else:
                         following = item
+                if (
+                    kind == "ack"
+                    and following is not None
+                    and following[0] == "api"
+                    and await self._pull_ahead_of_acks(following[1], run)
+                ):
+                    continue
                 await self._guarded(kind, delivery, batched[kind](run))
                 if following is None:
+                    if not self._queue.empty():
+                        await asyncio.sleep(0)  # the connections write this run's PubAcks
                     continue
                 kind, delivery = following
                 if kind in batched:
@@ -189,46 +257,64 @@ class JetStream:
     async def _store_many(self, deliveries: list[Delivery]) -> None:
         """Store publishes in arrival order; runs into one stream without expectations go to
         the engine as one batch, each message still getting its own PubAck."""
-        run: list[tuple[Delivery, Message]] = []
+        run: list[tuple[Delivery, Message | None]] = []  # None: no headers, stored as it came
         run_stream = ""
+        stream_for_subject = self.engine.stream_for_subject
         for delivery in deliveries:
             try:
-                stream = self.engine.stream_for_subject(delivery.subject).name
+                stream = stream_for_subject(delivery.subject).name
             except PigeonError:
                 continue  # the stream was deleted while this message was queued
-            headers = dict(parse_headers(delivery.headers)[2]) if delivery.headers else {}
+            if run and stream != run_stream:
+                await self._store_run(run_stream, run)
+                run = []
+            run_stream = stream
+            if not delivery.headers:
+                run.append((delivery, None))
+                continue
+            headers = dict(parse_headers(delivery.headers)[2])
             if any(name.startswith("Nats-Expected-") for name in headers):
                 await self._store_run(run_stream, run)
                 run = []
                 await self._store(delivery, stream, headers)
                 continue
-            if run and stream != run_stream:
-                await self._store_run(run_stream, run)
-                run = []
-            run_stream = stream
             msg_id = headers.get("Nats-Msg-Id") or None
             run.append(
                 (delivery, Message(delivery.subject, delivery.payload, headers=headers or None, id=msg_id))
             )
         await self._store_run(run_stream, run)
 
-    async def _store_run(self, stream: str, run: list[tuple[Delivery, Message]]) -> None:
-        if len(run) == 1:
-            delivery, message = run[0]
-            await self._store(delivery, stream, message.headers)
-            return
+    async def _store_run(self, stream: str, run: list[tuple[Delivery, Message | None]]) -> None:
         if not run:
             return
-        try:
-            acks = await self.engine.publish_batch([message for _, message in run])
-        except PigeonError:
-            # One of them cannot be stored (a limit, a size): let each get its own answer.
-            for delivery, message in run:
-                await self._store(delivery, stream, message.headers)
-            return
-        for (delivery, _), ack in zip(run, acks, strict=True):
-            if delivery.reply:
-                self.server.publish(delivery.reply, _pub_ack(stream, ack.offset + 1, ack.duplicate))
+        if len(run) > 1:
+            subject = run[0][0].subject
+            try:
+                if all(message is None and delivery.subject == subject for delivery, message in run):
+                    # One subject, no headers: the engine's bulk path, offsets in a row.
+                    acks = await self.engine.publish_many(subject, [delivery.payload for delivery, _ in run])
+                    first = acks[0].offset + 1
+                    self._pub_acks(stream, [(d.reply, first + i, False) for i, (d, _) in enumerate(run)])
+                    return
+                messages = [m if m is not None else Message(d.subject, d.payload) for d, m in run]
+                acks = await self.engine.publish_batch(messages)
+            except PigeonError:
+                pass  # one of them cannot be stored (a limit, a size): each gets its own answer
+            else:
+                self._pub_acks(
+                    stream,
+                    [(d.reply, a.offset + 1, a.duplicate) for (d, _), a in zip(run, acks, strict=True)],
+                )
+                return
+        for delivery, message in run:
+            await self._store(delivery, stream, message.headers if message is not None else {})
+
+    def _pub_acks(self, stream: str, acks: list[tuple[str | None, int, bool]]) -> None:
+        body = _pub_ack_template(stream)
+        publish = self.server.publish
+        for reply, seq, duplicate in acks:
+            if reply:
+                publish(reply, body % seq if not duplicate else _pub_ack(stream, seq, True))
 
     async def _store(self, delivery: Delivery, stream: str, headers: dict[str, str]) -> None:
         try:
@@ -250,20 +336,28 @@ class JetStream:
 
     async def _acks(self, deliveries: list[Delivery]) -> None:
         plain: dict[PullConsumer, list[tuple[int, int]]] = {}
+        names = ("", "")  # of the consumer the previous ack was for (acks come in runs)
+        consumer: PullConsumer | None = None
         for delivery in deliveries:
-            tokens = delivery.subject.split(".")
-            if len(tokens) != 9 or not (tokens[5].isdigit() and tokens[6].isdigit()):
+            try:
+                _, _, stream, name, _, stream_seq, consumer_seq, _, _ = delivery.subject.split(".")
+            except ValueError:
+                continue  # not an ack subject of ours
+            if not (stream_seq.isdigit() and consumer_seq.isdigit()):
                 continue
-            consumer = self._consumer_or_none(tokens[2], tokens[3])
+            if names != (stream, name):
+                names = (stream, name)
+                consumer = self._consumer_or_none(stream, name)
             if consumer is None:
                 continue
-            sequences = (int(tokens[5]), int(tokens[6]))
-            if delivery.payload.strip() in (b"", b"+ACK"):
+            sequences = (int(stream_seq), int(consumer_seq))
+            payload = delivery.payload
+            if not payload or payload.strip() in (b"", b"+ACK"):
                 plain.setdefault(consumer, []).append(sequences)
                 continue
             if consumer in plain:  # what this consumer was told before comes first
                 await consumer.ack_many(plain.pop(consumer))
-            await consumer.settle(*sequences, delivery.payload)
+            await consumer.settle(*sequences, payload)
         for consumer, acks in plain.items():
             await consumer.ack_many(acks)
         for delivery in deliveries:
@@ -329,11 +423,7 @@ class JetStream:
         return [n for n in self.engine.streams() if len(self.engine.stream_info(n).partitions) == 1]
 
     def _stream(self, name: str) -> Json:
-        try:
-            info = self.engine.stream_info(name)
-        except (StreamNotFoundError, ValueError):
-            raise errors.stream_not_found() from None
-        check_visible(info)
+        info = self._served_stream(name)
         return {
             "config": config_to_json(info.config),
             "created": rfc3339(created_ns(info.config)),
@@ -366,10 +456,14 @@ class JetStream:
     async def _stream_create(self, tokens: list[str], delivery: Delivery) -> Json:
         name = tokens[2]
         data = _request_json(delivery.payload)
-        if data.get("name", name) != name:
+        if data.get("name") != name:
             raise errors.stream_name_mismatch()
-        config = config_from_json(name, data, time.time_ns())
         existed = name in self.engine.streams()
+        old = self.engine.stream_info(name).config if existed else None
+        # A stream made under another default durability is still the same stream.
+        config = config_from_json(name, data, time.time_ns(), old.durability if old else self.durability)
+        if old is not None and not same_jetstream_settings(old, config):
+            raise errors.stream_name_in_use()
         try:
             await self.engine.create_stream(config)
         except StreamExistsError:
@@ -419,6 +513,10 @@ class JetStream:
             raise errors.not_supported("a partial purge (filter, seq or keep)")
         purged = self._stream(name)["state"]["messages"]
         await self.engine.purge_stream(name)
+        last_seq = self.engine.stream_info(name).partitions[0].next_offset
+        for (stream, _), consumer in list(self._consumers.items()):
+            if stream == name:
+                await consumer.purged(last_seq)
         return {"success": True, "purged": purged}
 
     def _page(self, delivery: Delivery, limit: int) -> tuple[list[str], int, int]:
@@ -447,32 +545,14 @@ class JetStream:
     async def _stream_update(self, tokens: list[str], delivery: Delivery) -> Json:
         name = tokens[2]
         data = _request_json(delivery.payload)
-        if data.get("name", name) != name:
-            raise errors.stream_name_mismatch()
         self._stream(name)
-        old = self.engine.stream_info(name).config
-        if data.get("storage", "file") != "file":
-            raise errors.update_refused("storage type")
-        if data.get("retention", "limits") != "limits":
-            raise errors.update_refused(f"retention policy to {data['retention']}")
-        if data.get("num_replicas", 1) not in (0, 1):
-            raise errors.replicas_unsupported()
-        wanted = config_from_json(name, data, created_ns(old))
-        if wanted.max_msgs_per_subject != old.max_msgs_per_subject:
-            # The engine keeps per-subject counts only for streams created with that limit.
-            raise errors.update_refused("max messages per subject")
-        # How the engine stores the stream stays as it was created.
-        new = dataclasses.replace(
-            wanted,
-            durability=old.durability,
-            fsync_interval_ms=old.fsync_interval_ms,
-            segment_bytes=old.segment_bytes,
-            segment_age_s=old.segment_age_s,
-        )
+        new = updated_config(self.engine.stream_info(name).config, data)
         try:
+            # Persisted, and the new limits applied to what is stored, before the answer.
             await self.engine.update_stream(new)
         except SubjectOverlapError:
             raise errors.subjects_overlap() from None
+        # The captures follow the new subjects (and the new max_msg_size) at once.
         for subscription in self._captures.pop(name, []):
             subscription.unsubscribe()
         self._capture(new)
@@ -553,8 +633,17 @@ class JetStream:
             self._watch_inactivity(consumer)
         return consumer
 
+    def _served_stream(self, name: str) -> StreamInfo:
+        """The stream JetStream serves under ``name`` (raises ApiError)."""
+        try:
+            info = self.engine.stream_info(name)
+        except (StreamNotFoundError, ValueError):
+            raise errors.stream_not_found() from None
+        check_visible(info)
+        return info
+
     def _consumer(self, stream: str, name: str) -> PullConsumer:
-        self._stream(stream)
+        self._served_stream(stream)  # not _stream: its state costs a read of the log, per pull
         consumer = self._consumer_or_none(stream, name)
         if consumer is None:
             raise errors.consumer_not_found()
@@ -680,10 +769,52 @@ class JetStream:
                 delivery.reply, headers=b"NATS/1.0 400 %b\r\n\r\n" % error.description.encode()
             )
             return None
-        task = asyncio.get_running_loop().create_task(consumer.pull(delivery.reply, batch, expires, no_wait))
+        self._start_pull(consumer, delivery.reply, batch, expires, no_wait)
+        return None
+
+    def _start_pull(
+        self, consumer: PullConsumer, reply: str, batch: int, expires: float | None, no_wait: bool
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(consumer.pull(reply, batch, expires, no_wait))
         consumer.tasks.add(task)
         task.add_done_callback(_finished(consumer))
-        return None
+
+    async def _pull_ahead_of_acks(self, request: Delivery, acks: list[Delivery]) -> bool:
+        """Serve the first chunk of the pull ``request`` before the ``acks`` queued just ahead
+        of it, then apply them; False, having done nothing, when that could change the chunk.
+
+        A client acks a fetched batch and asks for the next one in the same write. Plain acks
+        that no one waits for only finish messages out on lease: they redeliver or skip nothing
+        and leave the pending counts in the ack subjects as they were. So with room for the
+        chunk under max_ack_pending before they free any, the chunk holds what it would hold
+        after them, and the client works on it while they are applied.
+        """
+        tokens = request.subject[len(_API) :].split(".")
+        if len(tokens) != 5 or tokens[:3] != ["CONSUMER", "MSG", "NEXT"] or not request.reply:
+            return False
+        if any(ack.reply or ack.payload.strip() not in (b"", b"+ACK") for ack in acks):
+            return False
+        try:
+            consumer = self._consumer(tokens[3], tokens[4])
+            batch, expires, no_wait = parse_pull_request(request.payload)
+        except ApiError:
+            return False  # answered in turn, as usual
+        head = min(batch, _HEAD_CHUNKS * PULL_CHUNK)
+        if consumer.meta.filters or not consumer.has_room(head):
+            return False
+        self._api_total += 1
+        sent = 0
+        while sent < head:
+            asked = min(head - sent, PULL_CHUNK)
+            got = await consumer.pull_head(request.reply, asked)
+            sent += got
+            await asyncio.sleep(0)  # the connection writes the chunk on this turn of the loop
+            if got < asked:
+                break
+        await self._guarded("ack", acks[0], self._acks(acks))
+        if sent < batch:
+            self._start_pull(consumer, request.reply, batch - sent, expires, no_wait)
+        return True
 
 
 def _timestamp_ns(message: Message) -> int:
@@ -706,6 +837,11 @@ def _finished(consumer: PullConsumer) -> Callable[[asyncio.Task[None]], None]:
             log.debug("pull request on %s ended: %r", consumer.name, task.exception())
 
     return done
+
+
+def _pub_ack_template(stream: str) -> bytes:
+    # Stream names are plain tokens ([A-Za-z0-9_-]), so no JSON escaping is needed.
+    return b'{"stream":"%b","seq":%%d}' % stream.encode()
 
 
 def _pub_ack(stream: str, seq: int, duplicate: bool) -> bytes:

@@ -22,12 +22,13 @@ from ...engine import Backoff, Engine, SharedGroup, SharedGroupConfig, StartAt
 from ...engine.groups import Delivery
 from ...errors import InvalidSubjectError, PigeonError
 from ...subjects import matches, patterns_overlap, validate_pattern
-from ..nats import NatsServer
+from ..nats import NatsServer, Outgoing
 from .errors import ApiError, bad_request, not_supported
 from .meta import ConsumerMeta
 from .streams import rfc3339
 
 __all__ = [
+    "PULL_CHUNK",
     "PullConsumer",
     "check_consumer_name",
     "group_config_from_json",
@@ -81,6 +82,12 @@ def _start(engine: Engine, stream: str, config: dict[str, Any]) -> StartAt:
         return StartAt.offset(max(_int(config, "opt_start_seq", 1), 1) - 1)
     if policy == "by_start_time":
         return StartAt.time(_start_time(config.get("opt_start_time")))
+    if policy == "last_per_subject" and not (config.get("filter_subject") or config.get("filter_subjects")):
+        raise ApiError(
+            400,
+            10094,
+            "consumer delivery policy is deliver last per subject, but optional filter subject is not set",
+        )
     raise not_supported(f"deliver policy {policy!r}")
 
 
@@ -195,7 +202,7 @@ def header_block(headers: dict[str, str]) -> bytes:
 
 
 # A big pull is served in chunks of this many messages, written as they are ready.
-_CHUNK = 100
+PULL_CHUNK = 100
 
 
 class PullConsumer:
@@ -216,6 +223,7 @@ class PullConsumer:
         self.consumer_seq = 0
         self.delivered_stream_seq = 0
         self.ack_floor_consumer_seq = 0
+        self.purged_to = 0  # the stream's last sequence at its latest purge
         self.waiting = 0
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -240,7 +248,8 @@ class PullConsumer:
                     timeout = _POLL_S
                 else:
                     timeout = max(0.0, deadline - time.monotonic())
-                deliveries = await self.member.fetch(min(left, _CHUNK), timeout)
+                asked = min(left, PULL_CHUNK)
+                deliveries = await self.member.fetch(asked, timeout)
                 wanted = await self._skip_filtered(deliveries)
                 self._send(reply, wanted)
                 left -= len(wanted)
@@ -248,7 +257,7 @@ class PullConsumer:
                     # Let this chunk go out before making the next: the client parses it
                     # while the server prepares the rest.
                     await asyncio.sleep(0)
-                if left and not waits and len(wanted) == len(deliveries):
+                if left and not waits and len(deliveries) < asked:  # nothing more there now
                     self.server.publish(reply, headers=_NO_MESSAGES)
                     return
                 if left and deadline is not None and time.monotonic() >= deadline:
@@ -258,6 +267,19 @@ class PullConsumer:
         finally:
             self.waiting -= 1
             self.last_active = time.monotonic()
+
+    def has_room(self, count: int) -> bool:
+        """Whether ``count`` more deliveries fit under max_ack_pending now."""
+        return self.group.ack_pending + count <= self.group.config.max_ack_pending
+
+    async def pull_head(self, reply: str, count: int) -> int:
+        """Send up to ``count`` messages now, without waiting for any: the first chunk of a pull
+        request served ahead of the acks that came with it. Returns how many were sent."""
+        self.last_active = time.monotonic()
+        deliveries = await self.member.fetch(count, 0.0)
+        wanted = await self._skip_filtered(deliveries)
+        self._send(reply, wanted)
+        return len(wanted)
 
     def idle_s(self) -> float:
         """Seconds without a pull request waiting or arriving (what ``inactive_threshold`` measures)."""
@@ -278,26 +300,28 @@ class PullConsumer:
     def _send(self, reply: str, deliveries: list[Delivery]) -> None:
         if not deliveries:
             return
-        pending = self.num_pending()
-        for index, delivery in enumerate(deliveries):
+        pending = self.num_pending() + len(deliveries)
+        prefix = f"$JS.ACK.{self.stream}.{self.name}."
+        outstanding = self.outstanding
+        out: list[Outgoing] = []
+        timestamp, timestamp_ns = None, 0
+        for delivery in deliveries:
             message = delivery.message
             self.consumer_seq += 1
+            pending -= 1
             stream_seq = delivery.offset + 1
-            self.delivered_stream_seq = max(self.delivered_stream_seq, stream_seq)
-            self.outstanding[delivery.offset] = delivery
-            timestamp_ns = round(message.timestamp * 1_000_000) * 1000
+            if stream_seq > self.delivered_stream_seq:
+                self.delivered_stream_seq = stream_seq
+            outstanding[delivery.offset] = delivery
+            if message.timestamp != timestamp:  # messages stored together share it
+                timestamp = message.timestamp
+                timestamp_ns = round(timestamp * 1_000_000) * 1000
             ack = (
-                f"$JS.ACK.{self.stream}.{self.name}.{delivery.delivery_count}.{stream_seq}."
-                f"{self.consumer_seq}.{timestamp_ns}.{pending + len(deliveries) - 1 - index}"
+                f"{prefix}{delivery.delivery_count}.{stream_seq}.{self.consumer_seq}.{timestamp_ns}.{pending}"
             )
             headers = message.headers
-            self.server.publish(
-                reply,
-                message.payload,
-                reply=ack,
-                headers=header_block(headers) if headers else None,
-                shown_subject=message.subject,
-            )
+            out.append((message.subject, message.payload, ack, header_block(headers) if headers else None))
+        self.server.publish_many(reply, out)
 
     # -- acks ------------------------------------------------------------------------------
 
@@ -352,13 +376,25 @@ class PullConsumer:
         if verb != b"-NAK" and offset < self.group.lag()[0].committed:
             self.ack_floor_consumer_seq = max(self.ack_floor_consumer_seq, consumer_seq)
 
+    async def purged(self, last_seq: int) -> None:
+        """The stream was purged up to ``last_seq``: as nats-server's consumers do, count it all
+        delivered and acknowledged, and let go of the deliveries still held."""
+        gone = [(offset + 1, 0) for offset in self.outstanding if offset < last_seq]
+        if gone:
+            await self.ack_many(gone)
+        self.delivered_stream_seq = max(self.delivered_stream_seq, last_seq)
+        self.purged_to = max(self.purged_to, last_seq)
+
     # -- observing -------------------------------------------------------------------------
 
     def num_pending(self) -> int:
         """Messages not delivered yet; with filters, only those they let through (counted by a scan)."""
         lag = self.group.lag()[0]
         if not self.meta.filters:
-            return lag.pending
+            # The group counts messages that retention or a purge removed before it read
+            # them until it reads past them; they will never be delivered.
+            first = self.group.stream.partitions[0].first_offset
+            return max(0, lag.pending - max(0, first - max(lag.committed, self.fetched_to)))
         # Past both the group's floor and what was fetched, nothing was delivered or skipped.
         offset, count = max(lag.committed, self.fetched_to), 0
         while offset < lag.head:
@@ -379,7 +415,10 @@ class PullConsumer:
             "created": rfc3339(self.meta.created_ns),
             "config": self.config_json(),
             "delivered": {"consumer_seq": self.consumer_seq, "stream_seq": self.delivered_stream_seq},
-            "ack_floor": {"consumer_seq": self.ack_floor_consumer_seq, "stream_seq": lag.committed},
+            "ack_floor": {
+                "consumer_seq": self.ack_floor_consumer_seq,
+                "stream_seq": max(lag.committed, self.purged_to),
+            },
             "num_ack_pending": self.group.ack_pending,
             "num_redelivered": sum(1 for d in self.outstanding.values() if d.delivery_count > 1),
             "num_waiting": self.waiting,

@@ -73,7 +73,7 @@ def subjects_overlap() -> ApiError:
 
 
 def stream_config_invalid(detail: str) -> ApiError:
-    return ApiError(400, 10052, detail)
+    return ApiError(500, 10052, detail)
 
 
 def consumer_not_found() -> ApiError:

@@ -5,6 +5,6 @@
 """
 
 from .options import DEFAULT_PORT, ServerOptions
-from .server import Delivery, NatsServer, Subscription
+from .server import Delivery, NatsServer, Outgoing, Subscription
 
-__all__ = ["DEFAULT_PORT", "Delivery", "NatsServer", "ServerOptions", "Subscription"]
+__all__ = ["DEFAULT_PORT", "Delivery", "NatsServer", "Outgoing", "ServerOptions", "Subscription"]

@@ -10,11 +10,11 @@ publishers nor grow the server's memory.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
 import ssl
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ...errors import InvalidSubjectError
@@ -39,7 +39,7 @@ from .protocol import (
 )
 
 if TYPE_CHECKING:
-    from .server import NatsServer, Subscription, _Pieces
+    from .server import NatsServer, Outgoing, Subscription, _Pieces
 
 __all__ = ["ClientConnection"]
 
@@ -143,7 +143,10 @@ class ClientConnection(asyncio.Protocol):
         except ProtocolError as fault:
             ops, error = fault.ops, fault
         for op in ops:
-            self._dispatch(op)
+            if type(op) is Pub and self._connected:  # most operations: one call less
+                self._pub(op)
+            else:
+                self._dispatch(op)
             if self._closed:
                 return
         if error is not None:
@@ -213,10 +216,12 @@ class ClientConnection(asyncio.Protocol):
             self.send(b"-ERR '%b'\r\n" % ERR_INVALID_PUBLISH_SUBJECT.encode())
         if self.verbose:
             self.send(_OK)
-        # nats-server would still deliver to subscriptions matching it literally; a subject
-        # that is not valid cannot be matched here, so it reaches no one.
-        with contextlib.suppress(InvalidSubjectError, UnicodeDecodeError):
+        try:  # noqa: SIM105 - contextlib.suppress costs 0.3 us on every message
             self.server.route(self, op.subject, op.reply, op.header_size, op.data)
+        except (InvalidSubjectError, UnicodeDecodeError):
+            # nats-server would still deliver to subscriptions matching it literally; a
+            # subject that is not valid cannot be matched here, so it reaches no one.
+            pass
 
     def _sub(self, op: Sub) -> None:
         if op.sid in self.subs:
@@ -266,6 +271,31 @@ class ClientConnection(asyncio.Protocol):
         out.append(body)
         out.append(_CRLF)
         self._pending += len(line) + len(body) + 2
+        self._after_append()
+
+    def send_msgs(self, sid: bytes, messages: Sequence[Outgoing]) -> None:
+        """Queue a MSG (or HMSG) for each of ``messages``, as ``send_msg`` would one by one."""
+        if self._closed:
+            return
+        out = self._out
+        size = 0
+        headers_read = self.headers
+        for subject, payload, reply, headers in messages:
+            space_reply = b" " + reply.encode() if reply else b""
+            if headers and headers_read:
+                line = b"HMSG %b %b%b %d %d\r\n%b" % (
+                    subject.encode(),
+                    sid,
+                    space_reply,
+                    len(headers),
+                    len(headers) + len(payload),
+                    headers,
+                )
+            else:
+                line = b"MSG %b %b%b %d\r\n" % (subject.encode(), sid, space_reply, len(payload))
+            out += (line, payload, _CRLF)
+            size += len(line) + len(payload) + 2
+        self._pending += size
         self._after_append()
 
     def _after_append(self) -> None:

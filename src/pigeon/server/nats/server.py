@@ -18,7 +18,7 @@ import asyncio
 import logging
 import ssl
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from ...errors import InvalidConfigError, InvalidSubjectError, TransportClosedError
@@ -26,7 +26,7 @@ from ...subjects import SubjectIndex, validate_subject
 from .connection import ClientConnection
 from .options import ServerOptions
 
-__all__ = ["NATS_COMPAT_VERSION", "Delivery", "NatsServer", "Subscription"]
+__all__ = ["NATS_COMPAT_VERSION", "Delivery", "NatsServer", "Outgoing", "Subscription"]
 
 log = logging.getLogger("pigeon.server.nats")
 
@@ -37,6 +37,12 @@ NATS_COMPAT_VERSION = "2.10.0"
 # nats-server's no-responders status, sent to the requester on the reply subject.
 _NO_RESPONDERS = b"NATS/1.0 503\r\nNats-Subject: %b\r\n\r\n"
 _ROUTE_CACHE_SIZE = 4096
+
+
+# A message for NatsServer.publish_many: (subject, payload, reply, headers). Receivers see that
+# subject (the call's subject only routes), the reply, and the headers (a raw block, or None).
+# A plain tuple: JetStream makes one per message it delivers.
+Outgoing = tuple[str, bytes, str | None, bytes | None]
 
 
 class Delivery(NamedTuple):
@@ -84,6 +90,7 @@ class Subscription:
 class _Route(NamedTuple):
     plain: tuple[Subscription, ...]
     groups: tuple[tuple[Subscription, ...], ...]
+    clients: bool = True  # whether a client connection may be among them
 
 
 class NatsServer:
@@ -98,6 +105,12 @@ class NatsServer:
         # index (literal subjects only) cannot answer.
         self._all: set[Subscription] = set()
         self._routes: dict[str, _Route] = {}
+        # Routes by subject shape (see _shape): reply inboxes and ack subjects are unique per
+        # message, but all of one shape share a route, so they are routed by a dict lookup.
+        self._shapes: dict[str, _Route] = {}
+        # Per token position, how many patterns hold each literal token there; as long as the
+        # longest pattern ever added (longer than needed is harmless).
+        self._literals: list[dict[str, int]] = []
         self._turn = 0
         self._connections: set[ClientConnection] = set()
         self._next_client_id = 0
@@ -205,17 +218,32 @@ class NatsServer:
         ``clients_only`` skips internal subscriptions: a message the server has already stored
         goes to client subscribers without being captured again.
         """
-        # route() validates the subject when it is not a known route already.
-        data = payload if headers is None else headers + payload
-        return self.route(
+        # Validates the subject when it is not a known route already.
+        route = self._route_for(subject)
+        shown = shown_subject or subject
+        return self._fan_out(
+            route,
             None,
-            subject.encode(),
+            shown.encode(),
             reply.encode() if reply else b"",
-            len(headers or b""),
-            data,
-            shown=shown_subject.encode() if shown_subject else None,
-            clients_only=clients_only,
+            len(headers) if headers else 0,
+            payload if headers is None else headers + payload,
+            clients_only,
+            shown,
         )
+
+    def publish_many(self, subject: str, messages: Sequence[Outgoing]) -> None:
+        """``publish`` each of ``messages`` to ``subject`` in order, the route looked up once
+        (JetStream hands a pull request its messages this way)."""
+        route = self._route_for(subject)
+        if len(route.plain) == 1 and not route.groups:
+            only = route.plain[0]
+            if only.conn is not None and only.max_msgs is None:
+                only.conn.send_msgs(only.sid, messages)
+                only.delivered += len(messages)
+                return
+        for shown, payload, reply, headers in messages:
+            self.publish(subject, payload, reply=reply, headers=headers, shown_subject=shown)
 
     def on_disconnect(self, hook: Callable[[ClientConnection], None]) -> None:
         """Call ``hook(conn)`` when a client connection ends (state tied to it can go)."""
@@ -227,7 +255,14 @@ class NatsServer:
         # SubjectIndex validates the pattern and raises InvalidSubjectError.
         self._index.add(subscription.subject, subscription)
         self._all.add(subscription)
+        literals = self._literals
+        for position, token in enumerate(subscription.subject.split(".")):
+            if position == len(literals):
+                literals.append({})
+            if token != "*" and token != ">":
+                literals[position][token] = literals[position].get(token, 0) + 1
         self._routes.clear()
+        self._shapes.clear()
 
     def _add_client_subscription(
         self, conn: ClientConnection, subject: bytes, queue: bytes, sid: bytes
@@ -238,26 +273,70 @@ class NatsServer:
 
     def _remove(self, subscription: Subscription) -> None:
         if self._index.remove(subscription.subject, subscription):
+            literals = self._literals
+            for position, token in enumerate(subscription.subject.split(".")):
+                counts = literals[position]
+                if token in counts:
+                    counts[token] -= 1
+                    if not counts[token]:
+                        del counts[token]
             self._routes.clear()
+            self._shapes.clear()
         self._all.discard(subscription)
         if subscription.conn is not None:
             subscription.conn.subs.pop(subscription.sid, None)
 
     def _route_for(self, subject: str) -> _Route:
         route = self._routes.get(subject)
+        if route is not None:
+            return route
+        try:
+            validate_subject(subject)
+        except InvalidSubjectError:
+            shape = None  # a wildcard publish (routed literally) or no subject at all: _match says
+        else:
+            shape = self._shape(subject)
+            route = self._shapes.get(shape)
         if route is None:
-            plain: list[Subscription] = []
-            groups: dict[tuple[str, str], list[Subscription]] = {}
-            for subscription in self._match(subject):
-                if subscription.queue is None:
-                    plain.append(subscription)
-                else:
-                    groups.setdefault((subscription.subject, subscription.queue), []).append(subscription)
-            route = _Route(tuple(plain), tuple(tuple(members) for members in groups.values()))
-            if len(self._routes) >= _ROUTE_CACHE_SIZE:
-                self._routes.clear()
-            self._routes[subject] = route
+            route = self._new_route(subject)
+            if shape is not None:
+                if len(self._shapes) >= _ROUTE_CACHE_SIZE:
+                    self._shapes.clear()
+                self._shapes[shape] = route
+        if len(self._routes) >= _ROUTE_CACHE_SIZE:
+            self._routes.clear()
+        self._routes[subject] = route
         return route
+
+    def _shape(self, subject: str) -> str:
+        """What the route of a valid ``subject`` depends on: a token where some pattern has it
+        literally in that place, else "" (it can only meet wildcards there); and past the
+        longest pattern, only that there are more tokens."""
+        literals = self._literals
+        tokens = subject.split(".", len(literals))
+        count = len(tokens)
+        if count > len(literals):
+            tokens[-1] = ">"
+        for position, counts in enumerate(literals):  # a plain loop: it runs per reply sent
+            if position == count:
+                break
+            if tokens[position] not in counts:
+                tokens[position] = ""
+        return ".".join(tokens)
+
+    def _new_route(self, subject: str) -> _Route:
+        plain: list[Subscription] = []
+        groups: dict[tuple[str, str], list[Subscription]] = {}
+        for subscription in self._match(subject):
+            if subscription.queue is None:
+                plain.append(subscription)
+            else:
+                groups.setdefault((subscription.subject, subscription.queue), []).append(subscription)
+        members = tuple(tuple(members) for members in groups.values())
+        clients = any(s.conn is not None for s in plain) or any(
+            m.conn is not None for g in members for m in g
+        )
+        return _Route(tuple(plain), members, clients)
 
     def _match(self, subject: str) -> tuple[Subscription, ...]:
         try:
@@ -285,7 +364,27 @@ class NatsServer:
         number of deliveries. ``shown``, when given, is the subject written in the MSG/HMSG
         lines instead of ``subject`` (see :meth:`publish`).
         """
-        route = self._route_for(subject.decode())
+        text = subject.decode()
+        route = self._route_for(text)
+        delivered = self._fan_out(
+            route, origin, shown or subject, reply, header_size, data, clients_only, None if shown else text
+        )
+        if not delivered and reply and origin is not None and origin.no_responders:
+            self._no_responders(origin, subject, reply)
+        return delivered
+
+    def _fan_out(
+        self,
+        route: _Route,
+        origin: ClientConnection | None,
+        shown: bytes,
+        reply: bytes,
+        header_size: int,
+        data: bytes,
+        clients_only: bool,
+        text: str | None,
+    ) -> int:
+        """Deliver to ``route``; ``text`` is ``shown`` decoded, when the caller has it."""
         if clients_only:
             route = _Route(
                 tuple(s for s in route.plain if s.conn is not None),
@@ -295,9 +394,21 @@ class NatsServer:
                     if g
                 ),
             )
+        if not route.clients and not route.groups:
+            # Internal subscriptions only (JetStream's): one Delivery for all, no MSG lines.
+            delivery = Delivery(
+                shown.decode() if text is None else text,
+                reply.decode() if reply else None,
+                data[:header_size] if header_size else None,
+                data[header_size:] if header_size else data,
+                origin,
+            )
+            for subscription in route.plain:
+                self._handle(subscription, delivery)
+            return len(route.plain)
         no_echo = origin is not None and not origin.echo
         delivered = 0
-        pieces = _Pieces(shown or subject, reply, header_size, data, origin)
+        pieces = _Pieces(shown, reply, header_size, data, origin, text)
         for subscription in route.plain:
             if no_echo and subscription.conn is origin:
                 continue
@@ -312,20 +423,25 @@ class NatsServer:
                     self._deliver(member, pieces)
                     delivered += 1
                     break
-        if not delivered and reply and origin is not None and origin.no_responders:
-            self._no_responders(origin, subject, reply)
         return delivered
 
     def _deliver(self, subscription: Subscription, pieces: _Pieces) -> None:
         conn = subscription.conn
-        if conn is not None:
-            conn.send_msg(subscription.sid, pieces)
-        else:
-            assert subscription.handler is not None
-            try:
-                subscription.handler(pieces.delivery())
-            except Exception:
-                log.exception("internal subscription handler for %r failed", subscription.subject)
+        if conn is None:
+            self._handle(subscription, pieces.delivery())
+            return
+        conn.send_msg(subscription.sid, pieces)
+        subscription.delivered += 1
+        if subscription.max_msgs is not None and subscription.delivered >= subscription.max_msgs:
+            self._remove(subscription)
+
+    def _handle(self, subscription: Subscription, delivery: Delivery) -> None:
+        """Give ``delivery`` to an internal subscription."""
+        assert subscription.handler is not None
+        try:
+            subscription.handler(delivery)
+        except Exception:
+            log.exception("internal subscription handler for %r failed", subscription.subject)
         subscription.delivered += 1
         if subscription.max_msgs is not None and subscription.delivered >= subscription.max_msgs:
             self._remove(subscription)
@@ -392,6 +508,7 @@ class _Pieces:
         "payload",
         "reply",
         "subject",
+        "text",
     )
 
     def __init__(
@@ -401,22 +518,25 @@ class _Pieces:
         header_size: int,
         data: bytes,
         origin: ClientConnection | None = None,
+        text: str | None = None,
     ) -> None:
         self.subject = subject
+        self.text = text
         self.origin = origin
         self.reply = reply
         self.header_size = header_size
         self.data = data
         self.payload = data[header_size:] if header_size else data
+        self._delivery: Delivery | None = None
         space_reply = b" " + reply if reply else b""
         # "MSG <subject> <sid>" + this tail, and the same for HMSG with both sizes.
         self.msg_tail = b"%b %d\r\n" % (space_reply, len(self.payload))
         self.hmsg_tail = b"%b %d %d\r\n" % (space_reply, header_size, len(data)) if header_size else b""
-        self._delivery: Delivery | None = None
 
     def delivery(self) -> Delivery:
         if self._delivery is None:
             headers = self.data[: self.header_size] if self.header_size else None
             reply = self.reply.decode() if self.reply else None
-            self._delivery = Delivery(self.subject.decode(), reply, headers, self.payload, self.origin)
+            text = self.subject.decode() if self.text is None else self.text
+            self._delivery = Delivery(text, reply, headers, self.payload, self.origin)
         return self._delivery
