@@ -11,14 +11,14 @@ from collections.abc import Sequence
 
 import typer
 
-from . import exporter, lag, serve
+from . import bench, consume, demo, dlq, exporter, lag, pub, replay, req, serve, stream, sub
 
 __all__ = ["app", "main"]
 
 app = typer.Typer(
     name="pigeon",
     help="pigeon: a durable message broker and its tools.",
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 
@@ -33,6 +33,16 @@ def _root() -> None:
 app.command("serve")(serve.serve)
 app.command("exporter")(exporter.exporter)
 app.command("lag")(lag.lag)
+app.command("pub")(pub.pub)
+app.command("sub")(sub.sub)
+app.command("req")(req.req)
+app.command("reply")(req.reply)
+app.add_typer(stream.app, name="stream")
+app.command("consume")(consume.consume)
+app.command("replay")(replay.replay)
+app.add_typer(dlq.app, name="dlq")
+app.command("bench")(bench.bench)
+app.command("demo")(demo.demo)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,7 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args=list(argv) if argv is not None else None, prog_name="pigeon", standalone_mode=False
         )
     except typer.TyperException as error:
-        print(f"pigeon: {error.format_message()} (see `pigeon --help`)", file=sys.stderr)
+        context = getattr(error, "ctx", None)
+        where = context.command_path if context is not None else "pigeon"
+        if message := error.format_message():  # none when the help was shown instead
+            print(f"{where}: {message} (see `{where} --help`)", file=sys.stderr)
         return error.exit_code
     except typer.Abort:
         return 130

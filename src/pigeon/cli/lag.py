@@ -9,6 +9,7 @@ warning, 2 an error; docs/operations.md), so a script or a cron job can alert on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -16,26 +17,24 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from ..engine.groups.lag import PartitionLag
-from ..errors import PigeonError
 from ..observe.alerts import Alert, Thresholds, check, exit_code
 from ..observe.health import GroupHealth, HealthMonitor, HealthRules
-from ..transport import connect
 from ..transport.base import Transport
 from ..transport.embedded import EmbeddedTransport
+from ._common import DEFAULT_URL, DataOption, JsonOption, UrlOption, opened, run
 
 __all__ = ["lag"]
-
-DEFAULT_URL = "nats://127.0.0.1:4333"
 
 
 def lag(
     stream: Annotated[str, typer.Argument(help="The stream.")],
     group: Annotated[str, typer.Argument(help="The consumer group.")],
-    url: Annotated[str, typer.Option(envvar="PIGEON_URL", help="The broker.")] = DEFAULT_URL,
-    data: Annotated[Path | None, typer.Option(help="Read a data folder directly instead of a URL.")] = None,
+    url: UrlOption = DEFAULT_URL,
+    data: DataOption = None,
     watch: Annotated[float | None, typer.Option(min=0.1, help="Refresh every this many seconds.")] = None,
     count: Annotated[
         int | None, typer.Option(min=1, help="With --watch: stop after this many readings.")
@@ -45,21 +44,16 @@ def lag(
         float | None,
         typer.Option(min=0, help="Alert (exit 2) when the oldest unprocessed message is older (s)."),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per reading.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Show a group's lag per partition; the exit status says whether to worry."""
-    target = f"file://{data}" if data is not None else url
     thresholds = Thresholds(max_lag=max_lag, max_time_behind_s=max_time_behind)
-    try:
-        code = asyncio.run(_run(target, stream, group, watch, count, thresholds, as_json))
-    except (PigeonError, OSError, TimeoutError) as error:
-        typer.echo(f"pigeon lag: {error}", err=True)
-        raise typer.Exit(1) from None
-    raise typer.Exit(code)
+    raise typer.Exit(run("lag", _lag(url, data, stream, group, watch, count, thresholds, as_json)))
 
 
-async def _run(
-    target: str,
+async def _lag(
+    url: str,
+    data: Path | None,
     stream: str,
     group: str,
     watch: float | None,
@@ -67,28 +61,32 @@ async def _run(
     thresholds: Thresholds,
     as_json: bool,
 ) -> int:
-    transport = await connect(target)
     console = Console()
     monitor = HealthMonitor(HealthRules(window=10, min_samples=3))
     previous: dict[int, int] = {}
     readings = 0
-    try:
-        while True:
-            lags = await transport.lag(stream, group)
-            health = monitor.observe(stream, group, lags)
-            behind = _time_behind(transport, stream, lags)
-            alerts = check(health, thresholds, behind)
-            if as_json:
-                print(json.dumps(_json(health, lags, behind, alerts)), flush=True)
-            else:
-                console.print(_table(stream, group, lags, previous, behind, health, alerts))
-            previous = {p.partition: p.lag for p in lags}
-            readings += 1
-            if watch is None or (count is not None and readings >= count):
-                return exit_code(alerts)
-            await asyncio.sleep(watch)
-    finally:
-        await transport.close()
+    # At a terminal, --watch redraws one table in place; piped, each reading is printed.
+    live = (
+        Live(console=console, auto_refresh=False) if watch and console.is_terminal and not as_json else None
+    )
+    async with opened(url, data) as transport:
+        with live or contextlib.nullcontext():
+            while True:
+                lags = await transport.lag(stream, group)
+                health = monitor.observe(stream, group, lags)
+                behind = _time_behind(transport, stream, lags)
+                alerts = check(health, thresholds, behind)
+                if as_json:
+                    print(json.dumps(_json(health, lags, behind, alerts)), flush=True)
+                elif live is not None:
+                    live.update(_table(stream, group, lags, previous, behind, health, alerts), refresh=True)
+                else:
+                    console.print(_table(stream, group, lags, previous, behind, health, alerts))
+                previous = {p.partition: p.lag for p in lags}
+                readings += 1
+                if watch is None or (count is not None and readings >= count):
+                    return exit_code(alerts)
+                await asyncio.sleep(watch)
 
 
 def _time_behind(transport: Transport, stream: str, lags: list[PartitionLag]) -> dict[int, float | None]:

@@ -296,6 +296,20 @@ class Transport(ABC):
     @abstractmethod
     async def stream_state(self, name: str) -> StreamState: ...
 
+    async def list_streams(self) -> list[str]:
+        """The names of every stream, sorted, dead-letter and retry streams included."""
+        raise UnsupportedFeatureError(
+            self.name,
+            "listing streams",
+            "use the names of the streams you created, or the broker's own tools",
+        )
+
+    async def purge_stream(self, name: str) -> None:
+        """Remove every message of the stream; the stream and its groups stay."""
+        raise UnsupportedFeatureError(
+            self.name, "purging streams", "delete the stream and create it again (its groups go with it)"
+        )
+
     @abstractmethod
     async def consumer(self, stream: str, spec: ConsumerSpec, *, member: str | None = None) -> Consumer:
         """Join (creating if needed) the group ``spec.group`` on ``stream`` as a member."""

@@ -165,6 +165,12 @@ class EmbeddedTransport(Transport):
             last_offsets=tuple(p.next_offset - 1 for p in info.partitions),
         )
 
+    async def list_streams(self) -> list[str]:
+        return self.engine.streams()
+
+    async def purge_stream(self, name: str) -> None:
+        await self.engine.purge_stream(name)
+
     async def consumer(self, stream: str, spec: ConsumerSpec, *, member: str | None = None) -> Consumer:
         if spec.kind == "ordered":
             ordered = await self.engine.ordered_group(
