@@ -49,6 +49,8 @@ class App:
         self._transport = None if isinstance(transport, str) else transport
         # Correlation runs first, so every other middleware sees the ids it sets.
         self.middleware: tuple[Middleware, ...] = (correlation, *middleware)
+        # Middleware that counts publishes too (`Metrics`) has an ``on_publish(subject)``.
+        self._on_publish = [m.on_publish for m in middleware if hasattr(m, "on_publish")]
         self.codec: Codec = codec or JsonCodec()
         self.shutdown_timeout_s = shutdown_timeout_s
         self.subscribers: list[Subscriber] = []
@@ -207,9 +209,12 @@ class App:
         payload, codec_headers = self.codec.encode(value)
         if headers:
             codec_headers.update(headers)
-        return await self.transport.publish(
+        ack = await self.transport.publish(
             subject, payload, key=key, headers=codec_headers or None, msg_id=msg_id
         )
+        for observe in self._on_publish:
+            observe(subject)
+        return ack
 
     async def request(
         self, subject: str, value: Any = b"", *, response: Any = bytes, timeout: float = 1.0

@@ -364,10 +364,7 @@ class Subscriber:
             return None
         if isinstance(error, PayloadDecodeError):
             error = PoisonMessage(str(error))
-        retryable = isinstance(error, Nack | Retry) or (
-            not isinstance(error, Reject) and policy.retryable(error)
-        )
-        if not retryable or ctx.attempt >= policy.max_attempts:
+        if self.gives_up(ctx, error):
             if received is None:
                 log.error(
                     "handler %s gave up on %r after %d attempts: %r",
@@ -394,6 +391,15 @@ class Subscriber:
             return None
         await self._to_retry_stream(ctx, delay, error)
         return None
+
+    def gives_up(self, ctx: Context, error: Exception) -> bool:
+        """Whether this failed attempt is the message's last (dead-lettered, or dropped without
+        a broker) rather than retried; the `Metrics` middleware asks it too."""
+        policy = self.spec.retry
+        retryable = isinstance(error, Nack | Retry) or (
+            not isinstance(error, Reject | PayloadDecodeError) and policy.retryable(error)
+        )
+        return not retryable or ctx.attempt >= policy.max_attempts
 
     async def _give_up(self, ctx: Context, error: BaseException) -> None:
         assert ctx.received is not None and self.spec.stream is not None and self.group is not None

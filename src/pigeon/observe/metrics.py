@@ -95,7 +95,7 @@ class LagCollector(Collector):
         )
         health = GaugeMetricFamily(
             "pigeon_group_health_status",
-            "Health of the group: 0 OK, 1 WARN, 2 ERR",
+            "Health of the group: 0 OK, 1 WARN, 2 ERR, 3 STOP, 4 STALL, 5 REWIND",
             labels=["consumergroup", "topic"],
         )
         letters = GaugeMetricFamily(

@@ -1,10 +1,19 @@
-"""Prometheus metrics of handler calls: outcomes, durations, retries and redeliveries.
+"""Prometheus metrics of handler calls and publishes: outcomes, durations, retries, redeliveries.
 
-``App(transport, middleware=[Metrics()])`` (or per handler) counts every call under the
-handler's subject and group. The outcome is what the handler told pigeon: ``ok`` (returned),
-``nack``, ``reject`` (dead-lettered at once) or ``error`` (the retry policy decides). A call
-with ``ctx.attempt > 1`` is a retry; a message delivered more than once by the broker is a
-redelivery. Serve them with ``prometheus_client.start_http_server`` or any ASGI mount.
+``App(transport, middleware=[Metrics()])`` counts every handler call under the message's
+subject and the handler's group, by what became of the message:
+
+- ``acked``: the handler returned;
+- ``nacked``: it raised `Nack` and will be delivered again;
+- ``retried``: it failed and the retry policy tries it again;
+- ``dead_lettered``: rejected, not retryable, or out of attempts (a core subscription, which
+  has no dead letters, counts ``dropped`` instead).
+
+The retry decision is the subscriber's own (`Subscriber.gives_up`), so the counts follow the
+runtime. A call with ``ctx.attempt > 1`` is a retry; a message the broker delivered more than
+once is a redelivery. As App middleware it also counts `App.publish` (and so ``ctx.publish``)
+per subject. Serve the registry with ``prometheus_client.start_http_server`` or
+``make_asgi_app``.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
 from ..context import Context
-from ..control import Nack, Reject
+from ..control import Nack
 from .base import CallNext
 
 __all__ = ["Metrics"]
@@ -28,7 +37,7 @@ class Metrics:
         registry = REGISTRY if registry is None else registry
         self.consumed = Counter(
             "pigeon_messages_consumed",
-            "Handler calls by outcome",
+            "Handler calls by what became of the message",
             [*_LABELS, "outcome"],
             registry=registry,
         )
@@ -41,6 +50,12 @@ class Metrics:
         self.redeliveries = Counter(
             "pigeon_redeliveries", "Messages the broker delivered more than once", _LABELS, registry=registry
         )
+        self.published = Counter(
+            "pigeon_published", "Messages published by the App", ["subject"], registry=registry
+        )
+
+    def on_publish(self, subject: str) -> None:
+        self.published.labels(subject).inc()
 
     async def __call__(self, ctx: Context, call_next: CallNext) -> Any:
         labels = (ctx.message.subject, ctx.subscriber.group or "")
@@ -49,18 +64,21 @@ class Metrics:
         received = ctx.received
         if received is not None and received.delivery_count > 1:
             self.redeliveries.labels(*labels).inc()
-        outcome = "error"
         started = time.perf_counter()
         try:
             result = await call_next(ctx)
-            outcome = "ok"
-            return result
-        except Nack:
-            outcome = "nack"
+        except Exception as error:
+            self._count(labels, _failure(ctx, error), started)
             raise
-        except Reject:
-            outcome = "reject"
-            raise
-        finally:
-            self.duration.labels(*labels).observe(time.perf_counter() - started)
-            self.consumed.labels(*labels, outcome).inc()
+        self._count(labels, "acked", started)
+        return result
+
+    def _count(self, labels: tuple[str, str], outcome: str, started: float) -> None:
+        self.duration.labels(*labels).observe(time.perf_counter() - started)
+        self.consumed.labels(*labels, outcome).inc()
+
+
+def _failure(ctx: Context, error: Exception) -> str:
+    if ctx.subscriber.gives_up(ctx, error):
+        return "dropped" if ctx.received is None else "dead_lettered"
+    return "nacked" if isinstance(error, Nack) else "retried"
