@@ -44,7 +44,12 @@ class SubjectOverlapError(PigeonError, ValueError):
 
 
 class StreamFullError(PigeonError):
-    """The stream reached a limit and its discard policy rejects new messages."""
+    """The stream reached a limit and its discard policy rejects new messages.
+
+    ``limit`` names it ("messages" or "bytes") when the engine knows which one it was.
+    """
+
+    limit: str = ""
 
 
 class ConcurrencyConflictError(PigeonError):

@@ -170,17 +170,7 @@ def _check_ids(ids: list[str], pending: list[DeadLetter], stream: str, group: st
 
 
 def _letter_dict(letter: DeadLetter) -> dict[str, Any]:
-    return {
-        "id": letter.id,
-        "original_subject": letter.original_subject,
-        "original_msg_id": letter.original_msg_id,
-        "error_type": letter.error_type,
-        "error_message": letter.error_message,
-        "failed_at": letter.failed_at.isoformat() if letter.failed_at else None,
-        "redrive_count": letter.redrive_count,
-        "age_s": round(letter.age_s, 3),
-        "message": message_dict(letter.message),
-    }
+    return {**letter.summary(), "message": message_dict(letter.message)}
 
 
 def _age(seconds: float) -> str:

@@ -348,19 +348,18 @@ class Stream:
                     actual=actual,
                 )
 
+    def _full(self, used: str, limit: str) -> StreamFullError:
+        error = StreamFullError(f"stream {self.name!r} is full: {used} (discard=new rejects new messages)")
+        error.limit = limit
+        return error
+
     def _check_room(self, new_msgs: int, new_bytes: int) -> None:
         config = self.config
         if config.max_msgs is not None and self.total_msgs + new_msgs > config.max_msgs:
-            raise StreamFullError(
-                f"stream {self.name!r} is full: {self.total_msgs} of {config.max_msgs} messages "
-                "(discard=new rejects new messages)"
-            )
+            raise self._full(f"{self.total_msgs} of {config.max_msgs} messages", "messages")
         new_bytes += records.HEADER_SIZE
         if config.max_bytes is not None and self.total_bytes + new_bytes > config.max_bytes:
-            raise StreamFullError(
-                f"stream {self.name!r} is full: {self.total_bytes} of {config.max_bytes} bytes "
-                "(discard=new rejects new messages)"
-            )
+            raise self._full(f"{self.total_bytes} of {config.max_bytes} bytes", "bytes")
 
     @property
     def total_msgs(self) -> int:

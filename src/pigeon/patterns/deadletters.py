@@ -36,6 +36,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from ..engine.config import validate_name
 from ..errors import (
@@ -100,6 +101,19 @@ class DeadLetter:
     failed_at: datetime | None
     redrive_count: int
     age_s: float
+
+    def summary(self) -> dict[str, Any]:
+        """Its fields as JSON values, without the message (each caller shows that its own way)."""
+        return {
+            "id": self.id,
+            "original_subject": self.original_subject,
+            "original_msg_id": self.original_msg_id,
+            "error_type": self.error_type,
+            "error_message": self.error_message,
+            "failed_at": self.failed_at.isoformat() if self.failed_at else None,
+            "redrive_count": self.redrive_count,
+            "age_s": round(self.age_s, 3),
+        }
 
     @classmethod
     def parse(cls, message: Message, now: float) -> DeadLetter:

@@ -65,17 +65,7 @@ def message_json(message: Message) -> dict[str, Any]:
 
 
 def letter_json(letter: DeadLetter) -> dict[str, Any]:
-    return {
-        "id": letter.id,
-        "original_subject": letter.original_subject,
-        "original_msg_id": letter.original_msg_id,
-        "error_type": letter.error_type,
-        "error_message": letter.error_message,
-        "failed_at": letter.failed_at.isoformat() if letter.failed_at else None,
-        "redrive_count": letter.redrive_count,
-        "age_s": round(letter.age_s, 3),
-        "message": message_json(letter.message),
-    }
+    return {**letter.summary(), "message": message_json(letter.message)}
 
 
 class _Admin:

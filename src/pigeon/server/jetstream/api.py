@@ -860,7 +860,7 @@ def _store_error(error: ApiError | PigeonError) -> ApiError:
         return errors.message_too_large()
     if isinstance(error, StreamFullError):  # discard new: nats-server's words for it
         return errors.store_failed(
-            "maximum messages exceeded" if " messages " in str(error) else "maximum bytes exceeded"
+            "maximum bytes exceeded" if error.limit == "bytes" else "maximum messages exceeded"
         )
     return errors.store_failed(str(error))
 
