@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import socket
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -121,6 +124,47 @@ def test_replay_to_a_file_and_to_a_subject(tmp_path: Path) -> None:
     state = json.loads(ok("stream", "info", name, *data, "--json"))
     assert state["messages"] == 40 + sum(1 for r in records if r["partition"] == 0)
     assert groups_of(folder, name) == []  # the temporary groups are gone
+
+
+def test_long_work_shows_progress_bars_on_a_terminal_only(tmp_path: Path) -> None:
+    folder, name = tmp_path / "data", unique_name("s")
+    make_folder(folder, name, partitions=2, messages=0, dead=0)
+    url = ["--url", f"file://{folder}"]
+    terminal = {"FORCE_COLOR": "1"}  # rich then draws as on a terminal
+
+    def bars(done: subprocess.CompletedProcess[str]) -> str:
+        assert done.returncode == 0, done.stderr
+        return re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", done.stderr).replace("\r", "\n")
+
+    published = bars(cli("pub", f"{name}.new", "m{n}", "--count", "3000", *url, env=terminal))
+    assert re.search(r"publishing .* 3000/3000", published), published
+    replayed = bars(cli("replay", name, *url, "--to-file", str(tmp_path / "out.jsonl"), env=terminal))
+    assert re.search(r"replaying .* 3000/3000", replayed), replayed
+    make_folder(tmp_path / "dead", name, partitions=1, messages=150, dead=150)
+    redriven = bars(
+        cli("dlq", "redrive", name, "billing", "--all", "--url", f"file://{tmp_path / 'dead'}", env=terminal)
+    )
+    assert re.search(r"redriving .* 150/150", redriven), redriven
+    plain = cli("pub", f"{name}.new", "m{n}", "--count", "3000", *url)  # stderr is a pipe here
+    assert plain.returncode == 0 and plain.stderr == ""
+
+
+def test_a_reader_that_goes_away_stops_the_output_quietly(tmp_path: Path) -> None:
+    folder, name = tmp_path / "data", unique_name("s")
+    make_folder(folder, name, partitions=1, messages=3000)
+    # `pigeon replay | head -1`: the reader closes the pipe after one line of 700 kB.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pigeon.cli", "replay", name, "--data", str(folder)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.readline()
+    process.stdout.close()
+    errors = process.stderr.read().decode()
+    assert process.wait(timeout=30) == 1
+    assert errors == ""
 
 
 def test_dead_letters_listed_shown_redriven_and_purged(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import sys
 from collections.abc import AsyncIterator, Coroutine, Sequence
@@ -80,10 +81,20 @@ def run(command: str, main: Coroutine[Any, Any, T], *, interrupted: int = 130) -
     """
     try:
         return asyncio.run(main)
+    except BrokenPipeError:
+        raise reader_gone() from None
     except (PigeonError, OSError, TimeoutError) as error:
         fail(command, str(error) or f"{type(error).__name__} (timed out)")
     except KeyboardInterrupt:
         raise typer.Exit(interrupted) from None
+
+
+def reader_gone() -> typer.Exit:
+    """Stop quietly when whoever reads stdout went away (``pigeon replay | head``), with status 1
+    as click does for output written outside a command's event loop; stdout goes to /dev/null
+    so the interpreter's last flush cannot fail too."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return typer.Exit(1)
 
 
 def fail(command: str, message: str, code: int = 1) -> NoReturn:

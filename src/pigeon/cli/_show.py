@@ -9,17 +9,33 @@ from typing import Any
 
 from rich.console import Console, Group, RenderableType
 from rich.json import JSON
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
 from ..engine.stream import PubAck
 from ..message import Message
 
-__all__ = ["ack_dict", "ack_text", "console", "message_dict", "print_json", "render"]
+__all__ = ["ack_dict", "ack_text", "console", "message_dict", "print_json", "progress_bars", "render"]
 
 
 def console(*, stderr: bool = False) -> Console:
     # No markup or highlighting: payloads and names are shown as they are.
     return Console(stderr=stderr, highlight=False, markup=False, soft_wrap=True)
+
+
+def progress_bars(*, enabled: bool = True) -> Progress:
+    """Bars on stderr for long work, one per task (its description is the label); nothing at
+    all when stderr is not a terminal, so pipes and scripts get clean output."""
+    err = console(stderr=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=not (enabled and err.is_terminal),
+    )
 
 
 def print_json(value: Any) -> None:

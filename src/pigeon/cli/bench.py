@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+from rich.progress import Progress, TaskID
 from rich.table import Table
 
 from ..message import Message, new_id
 from ..transport.base import Consumer, ConsumerSpec, StreamSpec, Transport
 from ._common import DEFAULT_URL, JsonOption, UrlOption, ack_all, opened, run
-from ._show import console, print_json
+from ._show import console, print_json, progress_bars
 
 __all__ = ["bench"]
 
@@ -69,15 +69,7 @@ async def _bench(url: str, count: int, size: int, batch: int, partitions: int) -
             consumer = await transport.consumer(stream, ConsumerSpec("bench", kind="shared"))
             try:
                 state = _Run(count, size, batch)
-                err = console(stderr=True)
-                with Progress(
-                    TextColumn("{task.description}"),
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    console=err,
-                    transient=True,
-                    disable=not err.is_terminal,
-                ) as progress:
+                with progress_bars() as progress:
                     published = progress.add_task("published", total=count)
                     consumed = progress.add_task("consumed ", total=count)
                     await asyncio.gather(

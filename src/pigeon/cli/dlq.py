@@ -16,7 +16,7 @@ import typer
 from ..errors import InvalidConfigError
 from ..patterns.deadletters import DeadLetter, DeadLetters
 from ._common import DEFAULT_URL, DataOption, JsonOption, UrlOption, confirm, fail, opened, run
-from ._show import console, message_dict, print_json, render
+from ._show import console, message_dict, print_json, progress_bars, render
 
 __all__ = ["app"]
 
@@ -125,9 +125,15 @@ async def _redrive(url: str, stream: str, group: str, ids: list[str], as_json: b
     async with _box(url, None, stream, group) as box:
         if ids:
             _check_ids(ids, await box.list(_EVERY), stream, group)
-            done = await box.redrive(ids)
-        else:
-            done = await box.redrive(all=True)
+        with progress_bars() as progress:
+            task = progress.add_task("redriving", total=None)
+
+            def advance(sent: int, total: int) -> None:
+                progress.update(task, completed=sent, total=total)
+
+            done = await (
+                box.redrive(ids, progress=advance) if ids else box.redrive(all=True, progress=advance)
+            )
     if as_json:
         print_json({"stream": stream, "group": group, "redriven": done})
     else:

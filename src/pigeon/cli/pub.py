@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..engine.stream import PubAck
 from ..message import Message
@@ -29,7 +28,7 @@ from ._common import (
     read_payload,
     run,
 )
-from ._show import ack_dict, ack_text, console, print_json
+from ._show import ack_dict, ack_text, console, print_json, progress_bars
 
 __all__ = ["pub"]
 
@@ -117,17 +116,8 @@ async def _pub(url: str, template: _Template, count: int, as_json: bool) -> None
 
 async def _publish_many(transport: Transport, template: _Template, count: int) -> list[PubAck | None]:
     acks: list[PubAck | None] = []
-    err = console(stderr=True)
-    with Progress(
-        TextColumn("publishing"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-        disable=count == 1 or not err.is_terminal,
-    ) as progress:
-        task = progress.add_task("publish", total=count)
+    with progress_bars(enabled=count > 1) as progress:
+        task = progress.add_task("publishing", total=count)
         for start in range(1, count + 1, _BATCH):
             batch = [template.number(n) for n in range(start, min(start + _BATCH, count + 1))]
             acks += await transport.publish_batch(batch)

@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import IO, Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..engine.config import StartAt
 from ..errors import InvalidConfigError
 from ..message import Headers, Message, new_id
 from ..transport.base import Consumer, ConsumerSpec, Received, Transport
 from ._common import DEFAULT_URL, DataOption, JsonOption, UrlOption, ack_all, fail, opened, parse_time, run
-from ._show import console, message_dict, print_json
+from ._show import console, message_dict, print_json, progress_bars
 
 __all__ = ["replay"]
 
@@ -168,17 +167,8 @@ async def _copy(
     left = await _unfinished(transport, stream, group, ends)
     total = sum(left.values()) if count is None else min(count, sum(left.values()))
     replayed = 0
-    err = console(stderr=True)
-    with Progress(
-        TextColumn("replaying"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    ) as progress:
-        task = progress.add_task("replay", total=total)
+    with progress_bars() as progress:
+        task = progress.add_task("replaying", total=total)
         quiet_since = loop.time()
         while left and (count is None or replayed < count):
             batch = await consumer.fetch(_FETCH, 0.5)

@@ -187,8 +187,12 @@ class DeadLetters:
         *,
         where: Callable[[DeadLetter], bool] | None = None,
         all: bool = False,
+        progress: Callable[[int, int], object] | None = None,
     ) -> int:
-        """Send the chosen letters back to their subjects, oldest first; how many were sent."""
+        """Send the chosen letters back to their subjects, oldest first; how many were sent.
+
+        ``progress(sent, total)`` is called as each chunk of letters is sent (for a progress bar).
+        """
         chosen = _selector(ids, where, all)
         async with self._box() as held:
             picked = [h for h in held if chosen(h.letter)]
@@ -198,7 +202,7 @@ class DeadLetters:
                         f"dead letter {h.letter.id!r} has no {Headers.ORIGINAL_SUBJECT} header, so "
                         "nowhere to go back to: purge it instead"
                     )
-            await self._redrive(picked)
+            await self._redrive(picked, progress)
             return len(picked)
 
     async def purge(
@@ -297,7 +301,9 @@ class DeadLetters:
                 twin.deliveries.append(received)
         return sorted(held.values(), key=lambda h: (h.letter.message.timestamp, h.letter.message.offset or 0))
 
-    async def _redrive(self, picked: Sequence[_Held]) -> None:
+    async def _redrive(
+        self, picked: Sequence[_Held], progress: Callable[[int, int], object] | None = None
+    ) -> None:
         for start in range(0, len(picked), _CHUNK):
             chunk = picked[start : start + _CHUNK]
             acks = await self.transport.publish_batch([self._copy(h.letter) for h in chunk])
@@ -309,6 +315,8 @@ class DeadLetters:
                     f"no stream captures {lost.original_subject!r} any more: dead letter {lost.id!r} "
                     "was not redriven and stays in the box"
                 )
+            if progress is not None:
+                progress(start + len(chunk), len(picked))
 
     def _copy(self, letter: DeadLetter) -> Message:
         headers = {k: v for k, v in letter.message.headers.items() if k not in _NOT_REDRIVEN}
