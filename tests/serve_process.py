@@ -10,22 +10,22 @@ import time
 from pathlib import Path
 
 T = 10.0
+SERVE = (sys.executable, "-m", "pigeon.cli", "serve")
+# The README's run command; the options given after it override the folder and ports it sets.
+README_RUN = ("bash", str(Path(__file__).resolve().parent.parent / "scripts" / "run"))
 LISTENING = re.compile(r"listening: NATS (nats://\S+):(\d+), HTTP (http://\S+), data ")
 
 
 class Served:
     """One `pigeon serve` process; its stderr goes to a file the test reads."""
 
-    def __init__(self, data: Path, port: int = 0, *extra: str) -> None:
+    def __init__(self, data: Path, port: int = 0, *extra: str, command: tuple[str, ...] = SERVE) -> None:
         self.data = data
         self.log = data.parent / f"serve-{time.monotonic_ns()}.log"
         with open(self.log, "wb") as stderr:
             self.process = subprocess.Popen(
                 [
-                    sys.executable,
-                    "-m",
-                    "pigeon.cli",
-                    "serve",
+                    *command,
                     "--data",
                     str(data),
                     "--port",

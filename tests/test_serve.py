@@ -16,7 +16,7 @@ import nats
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from serve_process import Served, T
+from serve_process import README_RUN, Served, T
 
 WORKER = Path(__file__).resolve().parent / "serve_load_worker.py"
 
@@ -224,10 +224,12 @@ def test_sigkill_mid_load_loses_nothing_acknowledged(data: Path, tmp_path: Path)
 
 
 async def test_the_demo_fills_streams_groups_lag_and_dead_letters(data: Path) -> None:
-    """What `bash scripts/run` starts: pigeon serve --demo, with something real flowing."""
-    served = Served(data, 0, "--demo").wait_listening()
+    """The README's run command, `bash scripts/run`: pigeon serve --demo, something real flowing."""
+    served = Served(data, 0, command=README_RUN).wait_listening()
     try:
         async with httpx.AsyncClient(base_url=served.http_url) as http:
+            dashboard = await http.get("/")
+            assert dashboard.status_code == 200 and "<html" in dashboard.text.lower()
             seen: dict[str, object] = {}
             for _ in range(300):
                 streams = {s["name"]: s for s in (await http.get("/api/streams")).json()["streams"]}
