@@ -196,6 +196,48 @@ async def test_a_core_handler_answers_requests(any_transport: Any) -> None:
     assert raw.headers[Headers.CAUSATION_ID], "a reply is caused by its request"
 
 
+class TaggingCodec:
+    """A codec of its own: the payload is "<subject>|<text>", so the test sees which subject
+    each encode and decode was told."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    async def encode(self, value: Any, subject: str) -> tuple[bytes, dict[str, str]]:
+        self.seen.append(("encode", subject))
+        return f"{subject}|{value}".encode(), {"Content-Type": "text/x-tagged"}
+
+    async def decode(self, payload: bytes, target: Any, subject: str) -> Any:
+        self.seen.append(("decode", subject))
+        tagged, _, text = payload.decode().partition("|")
+        assert tagged == subject, "the codec was told another subject than the one it encoded for"
+        return text
+
+
+async def test_a_codec_of_ones_own_encodes_and_decodes_every_payload(
+    any_transport: Any, make_stream: Any
+) -> None:
+    stream, prefix = await make_stream()
+    codec = TaggingCodec()
+    app = App(any_transport, codec=codec)
+    got: list[str] = []
+
+    @app.subscriber(f"{prefix}.in", stream=stream, group="g", publish_to=f"{prefix}.out")
+    async def shout(text: str) -> str:
+        return text.upper()
+
+    @app.subscriber(f"{prefix}.out", stream=stream, group="collector")
+    async def collect(text: str, message: Message) -> None:
+        assert message.headers["Content-Type"] == "text/x-tagged"
+        got.append(text)
+
+    async with app:
+        await app.publish(f"{prefix}.in", "hello")
+        assert await until(lambda: got == ["HELLO"]), got
+    assert ("encode", f"{prefix}.in") in codec.seen and ("encode", f"{prefix}.out") in codec.seen
+    assert ("decode", f"{prefix}.in") in codec.seen and ("decode", f"{prefix}.out") in codec.seen
+
+
 async def test_middleware_runs_app_level_outside_handler_level(any_transport: Any, make_stream: Any) -> None:
     stream, prefix = await make_stream()
     trail: list[str] = []

@@ -206,7 +206,7 @@ class App:
         msg_id: str | None = None,
     ) -> PubAck | None:
         """Encode ``value`` with the App's codec and publish it."""
-        payload, codec_headers = self.codec.encode(value)
+        payload, codec_headers = await self.codec.encode(value, subject)
         if headers:
             codec_headers.update(headers)
         ack = await self.transport.publish(
@@ -220,6 +220,6 @@ class App:
         self, subject: str, value: Any = b"", *, response: Any = bytes, timeout: float = 1.0
     ) -> Any:
         """Send a request and decode the reply as ``response``."""
-        payload, headers = self.codec.encode(value)
+        payload, headers = await self.codec.encode(value, subject)
         reply = await self.transport.request(subject, payload, headers=headers or None, timeout=timeout)
-        return self.codec.decode(reply.payload, response)
+        return await self.codec.decode(reply.payload, response, reply.subject)

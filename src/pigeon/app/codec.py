@@ -5,6 +5,10 @@ The decoded type comes from the handler's annotation: ``bytes`` (as stored), ``s
 constructor; nested dataclasses stay dicts), or a pydantic model (validated JSON). Anything
 that does not decode is `PayloadDecodeError`: the message is poison and is dead-lettered
 at once. A different wire format plugs in by passing another `Codec` to the `App`.
+
+Codecs are asynchronous and told the subject because some need the network and the subject:
+a schema-registry codec looks schemas up by id, and registers them under a name derived from
+the subject (Confluent's subject name strategies).
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ TEXT = "text/plain; charset=utf-8"
 
 
 class Codec(Protocol):
-    def decode(self, payload: bytes, target: Any) -> Any: ...
-    def encode(self, value: Any) -> tuple[bytes, dict[str, str]]:
-        """The payload and the headers describing it (e.g. Content-Type)."""
+    async def decode(self, payload: bytes, target: Any, subject: str) -> Any:
+        """The payload as ``target`` (the handler's annotation); `PayloadDecodeError` if it is not."""
+        ...
+
+    async def encode(self, value: Any, subject: str) -> tuple[bytes, dict[str, str]]:
+        """The payload for ``subject`` and the headers describing it (e.g. Content-Type)."""
         ...
 
 
@@ -36,7 +43,7 @@ def _pydantic_model(target: Any) -> bool:
 class JsonCodec:
     """The default codec: JSON for structured values, raw bytes and UTF-8 text as they are."""
 
-    def decode(self, payload: bytes, target: Any) -> Any:
+    async def decode(self, payload: bytes, target: Any, subject: str = "") -> Any:
         if target is bytes or target is None:
             return payload
         try:
@@ -61,7 +68,7 @@ class JsonCodec:
                 f"payload does not decode to {name}: {type(exc).__name__}: {exc}"
             ) from exc
 
-    def encode(self, value: Any) -> tuple[bytes, dict[str, str]]:
+    async def encode(self, value: Any, subject: str = "") -> tuple[bytes, dict[str, str]]:
         if isinstance(value, bytes | bytearray | memoryview):
             return bytes(value), {}
         if isinstance(value, str):

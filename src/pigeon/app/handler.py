@@ -70,12 +70,12 @@ class Handler:
             raise InvalidHandlerError(f"handler {name}: list[Context] is for batch handlers (batch=...)")
         return cls(func, name, bytes if payload_type is None else payload_type, batch, tuple(roles))
 
-    def decode(self, codec: Codec, ctx: Context) -> Any:
-        ctx.payload = codec.decode(ctx.message.payload, self.payload_type)
+    async def decode(self, codec: Codec, ctx: Context) -> Any:
+        ctx.payload = await codec.decode(ctx.message.payload, self.payload_type, ctx.message.subject)
         return ctx.payload
 
     async def call(self, codec: Codec, ctx: Context) -> Any:
-        payload = self.decode(codec, ctx)
+        payload = await self.decode(codec, ctx)
         args = {
             name: payload if role == "payload" else ctx if role == "context" else ctx.message
             for name, role in self.roles

@@ -157,7 +157,7 @@ class Subscriber:
 
     async def _call_batch_of_one(self, ctx: Context) -> Any:
         """A retried message of a batch handler comes back alone."""
-        self.handler.decode(self.app.codec, ctx)
+        await self.handler.decode(self.app.codec, ctx)
         (outcome,) = self._outcomes(await self.handler.call_batch([ctx]), 1)
         if isinstance(outcome, Exception):
             raise outcome
@@ -342,7 +342,8 @@ class Subscriber:
         if self.spec.publish_to is not None:
             await ctx.publish(self.spec.publish_to, result)
         if ctx.message.headers.get(Headers.REPLY_TO):
-            payload, headers = self.app.codec.encode(result)
+            reply_to = ctx.message.headers[Headers.REPLY_TO]
+            payload, headers = await self.app.codec.encode(result, reply_to)
             await self.app.transport.reply(ctx.message, payload, headers=ctx.outgoing_headers(headers))
 
     async def _succeeded(self, ctx: Context) -> None:
@@ -468,7 +469,7 @@ class Subscriber:
                 continue
             ctx = Context(self.app, self, message, received, received.delivery_count)
             try:
-                self.handler.decode(self.app.codec, ctx)
+                await self.handler.decode(self.app.codec, ctx)
             except PayloadDecodeError as exc:
                 await self._failed(ctx, exc)
                 continue
