@@ -41,8 +41,8 @@ class Served:
         self.http_url = ""
         self.port = 0
 
-    def wait_listening(self) -> Served:
-        deadline = time.monotonic() + T
+    def wait_listening(self, timeout: float = T) -> Served:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = LISTENING.search(self.stderr())
             if found:

@@ -225,7 +225,8 @@ def test_sigkill_mid_load_loses_nothing_acknowledged(data: Path, tmp_path: Path)
 
 async def test_the_demo_fills_streams_groups_lag_and_dead_letters(data: Path) -> None:
     """The README's run command, `bash scripts/run`: pigeon serve --demo, something real flowing."""
-    served = Served(data, 0, command=README_RUN).wait_listening()
+    # The script checks the environment first (and would install it): a slower start.
+    served = Served(data, 0, command=README_RUN).wait_listening(timeout=120)
     try:
         async with httpx.AsyncClient(base_url=served.http_url) as http:
             dashboard = await http.get("/")

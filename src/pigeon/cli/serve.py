@@ -30,7 +30,17 @@ def serve(
     token: Annotated[
         str | None,
         typer.Option(
-            envvar="PIGEON_TOKEN", help="Bearer token the admin API requires (needed off loopback)."
+            envvar="PIGEON_TOKEN",
+            help="Token the admin API and the schema registry require (needed off loopback).",
+        ),
+    ] = None,
+    registry_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Also serve the schema registry at the root of this port, for Confluent clients "
+            "(it is always under /registry on the HTTP port).",
         ),
     ] = None,
     demo: Annotated[
@@ -48,7 +58,14 @@ def serve(
     """Serve the data folder to NATS clients (core and JetStream) until SIGTERM or SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = ServeOptions(
-        data=data, host=host, port=port, http_port=http_port, token=token, demo=demo, durability=durability
+        data=data,
+        host=host,
+        port=port,
+        http_port=http_port,
+        token=token,
+        registry_port=registry_port,
+        demo=demo,
+        durability=durability,
     )
     try:
         asyncio.run(run(options))

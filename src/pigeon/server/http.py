@@ -1,37 +1,37 @@
 """The HTTP side of ``pigeon serve``: a Starlette app run by uvicorn on the server's event loop.
 
-``/healthz``, ``/metrics`` (Prometheus), the admin API under ``/api/`` and the dashboard at ``/``.
+``/healthz``, ``/metrics`` (Prometheus), the admin API under ``/api/``, the schema registry under
+``/registry`` and the dashboard at ``/``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import socket
-from collections.abc import Iterator
-
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from ..engine import Engine
-from ..errors import InvalidConfigError, TransportClosedError
+from ..registry import SchemaRegistry
 from .admin import AdminConfig, admin_routes
 from .dashboard import dashboard_routes
 from .metrics import CONTENT_TYPE_LATEST, Observer
 from .nats import NatsServer
 from .pigeon_api import PigeonApi
+from .registry import registry_app
 
-__all__ = ["DEFAULT_HTTP_PORT", "HttpServer", "create_app"]
+__all__ = ["DEFAULT_HTTP_PORT", "create_app"]
 
 DEFAULT_HTTP_PORT = 8333
 
 
 def create_app(
-    engine: Engine, nats: NatsServer, api: PigeonApi, observer: Observer, admin: AdminConfig | None = None
+    engine: Engine,
+    nats: NatsServer,
+    api: PigeonApi,
+    observer: Observer,
+    admin: AdminConfig | None = None,
+    registry: SchemaRegistry | None = None,
 ) -> Starlette:
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "nats_port": nats.port, "streams": len(engine.streams())})
@@ -41,68 +41,6 @@ def create_app(
 
     routes: list[BaseRoute] = [Route("/healthz", healthz), Route("/metrics", metrics)]
     routes += admin_routes(engine, nats, api, observer, admin or AdminConfig())
+    if registry is not None:
+        routes.append(Mount("/registry", app=registry_app(registry, admin.token if admin else None)))
     return Starlette(routes=routes + dashboard_routes())
-
-
-class _EmbeddedServer(uvicorn.Server):
-    """A uvicorn server that leaves signals alone: ``pigeon serve`` stops it with everything else."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-class HttpServer:
-    """Serves an ASGI app on ``host:port`` (0 picks a free port) until :meth:`stop`."""
-
-    def __init__(self, app: Starlette, host: str, port: int) -> None:
-        self.host = host
-        self._requested_port = port
-        config = uvicorn.Config(
-            app, host=host, port=port, lifespan="off", access_log=False, log_config=None, log_level="warning"
-        )
-        self._server = _EmbeddedServer(config)
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        # uvicorn reports a failed bind by logging it and calling sys.exit; trying the bind
-        # first turns the common case (port in use) into an error that names the address.
-        _check_bindable(self.host, self._requested_port)
-        self._task = asyncio.get_running_loop().create_task(self._server.serve())
-        while not self._server.started:
-            if self._task.done():
-                self._task = None
-                raise InvalidConfigError(f"cannot serve HTTP on {self.host}:{self._requested_port}")
-            await asyncio.sleep(0.01)
-
-    async def stop(self) -> None:
-        """Stop accepting, let requests in progress finish; idempotent."""
-        task, self._task = self._task, None
-        if task is None:
-            return
-        self._server.should_exit = True
-        await task
-
-    @property
-    def port(self) -> int:
-        if not self._server.started:
-            raise TransportClosedError("the HTTP server is not started")
-        port: int = self._server.servers[0].sockets[0].getsockname()[1]
-        return port
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-
-def _check_bindable(host: str, port: int) -> None:
-    if port == 0:
-        return
-    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(address)
-            except OSError as error:
-                reason = os.strerror(error.errno) if error.errno else str(error)
-                raise InvalidConfigError(f"cannot serve HTTP on {host}:{port}: {reason}") from None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import signal
@@ -20,12 +19,15 @@ from pathlib import Path
 from ..engine import Engine
 from ..engine.config import Durability
 from ..errors import InvalidConfigError
+from ..registry import SchemaRegistry
 from .admin import AdminConfig
-from .http import DEFAULT_HTTP_PORT, HttpServer, create_app
+from .http import DEFAULT_HTTP_PORT, create_app
 from .jetstream import JetStream
+from .listener import HttpServer, check_exposure
 from .metrics import Observer
 from .nats import DEFAULT_PORT, NatsServer, ServerOptions
 from .pigeon_api import PigeonApi
+from .registry import registry_app
 
 __all__ = ["Running", "ServeOptions", "run", "running"]
 
@@ -40,6 +42,7 @@ class ServeOptions:
     http_port: int = DEFAULT_HTTP_PORT
     sample_interval_s: float = 5.0  # how often group lag is sampled for health and /metrics
     token: str | None = None  # required by the admin API when set; without it, loopback only
+    registry_port: int | None = None  # the schema registry at the root of its own port, when given
     demo: bool = False  # run the demo order pipeline through the server (pigeon.demo)
     durability: Durability = "interval"  # of the streams JetStream clients create
 
@@ -52,16 +55,13 @@ class Running:
     api: PigeonApi
     observer: Observer
     http: HttpServer
+    registry: HttpServer | None  # on its own port, when asked for
 
 
 @contextlib.asynccontextmanager
 async def running(options: ServeOptions) -> AsyncIterator[Running]:
     """Everything started, yielded, then stopped in order (also when starting fails halfway)."""
-    if options.token is None and not _loopback(options.host):
-        raise InvalidConfigError(
-            f"refusing to serve the admin API on {options.host} without a token: "
-            "give --token, or listen on 127.0.0.1"
-        )
+    check_exposure("the admin API and the schema registry", options.host, options.token)
     async with contextlib.AsyncExitStack() as stack:
         engine = await Engine.open(options.data)
         stack.push_async_callback(engine.close)
@@ -81,13 +81,21 @@ async def running(options: ServeOptions) -> AsyncIterator[Running]:
         observer = Observer(engine, nats, options.sample_interval_s)
         observer.start()
         stack.push_async_callback(observer.stop)
-        app = create_app(engine, nats, api, observer, AdminConfig(token=options.token))
+        registry = await SchemaRegistry.open(engine)
+        app = create_app(engine, nats, api, observer, AdminConfig(token=options.token), registry)
         http = HttpServer(app, options.host, options.http_port)
         await http.start()
         stack.push_async_callback(http.stop)
+        registry_http = None
+        if options.registry_port is not None:
+            registry_http = HttpServer(
+                registry_app(registry, options.token), options.host, options.registry_port
+            )
+            await registry_http.start()
+            stack.push_async_callback(registry_http.stop)
         if options.demo:
             await _start_demo(stack, nats.url, options.data)
-        yield Running(engine, nats, jetstream, api, observer, http)
+        yield Running(engine, nats, jetstream, api, observer, http, registry_http)
 
 
 async def run(options: ServeOptions) -> None:
@@ -104,6 +112,8 @@ async def run(options: ServeOptions) -> None:
                 parts.http.url,
                 options.data,
             )
+            if parts.registry is not None:
+                log.info("schema registry at %s", parts.registry.url)
             await stop.wait()
             log.info("pigeon serve stopping")
     finally:
@@ -122,13 +132,6 @@ async def _start_demo(stack: contextlib.AsyncExitStack, url: str, data: Path) ->
     await pipeline.start()
     stack.push_async_callback(pipeline.stop)
     log.info("demo order pipeline running: streams demo-orders and demo-invoices")
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def _listen_error(what: str, host: str, port: int, error: OSError) -> InvalidConfigError:

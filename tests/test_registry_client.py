@@ -1,0 +1,275 @@
+"""Confluent's own Python client and Avro serializers against a real pigeon registry.
+
+confluent-kafka's ``SchemaRegistryClient`` is synchronous, so the registry runs on its own event
+loop in a thread while the test talks to it over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytest.importorskip("confluent_kafka")
+from confluent_kafka.schema_registry import Schema, SchemaReference, SchemaRegistryClient
+from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
+from confluent_kafka.schema_registry.error import SchemaRegistryError
+from confluent_kafka.serialization import MessageField, SerializationContext
+
+from pigeon.server.registry import RegistryOptions, running
+from pigeon.testing.services import unique_name
+from serve_process import Served
+
+
+class _RegistryThread:
+    def __init__(self, data: Path) -> None:
+        self._data = data
+        self._ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self.url = ""
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),))
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        async with running(RegistryOptions(data=self._data, port=0)) as http:
+            self.url = http.url
+            self._ready.set()
+            await self._stop.wait()
+
+    def __enter__(self) -> _RegistryThread:
+        self._thread.start()
+        assert self._ready.wait(10), "the registry did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+        self._loop.close()
+
+
+@pytest.fixture
+def registry_url(data_dir: Path) -> Iterator[str]:
+    with _RegistryThread(data_dir) as served:
+        yield served.url
+
+
+@pytest.fixture
+def client(registry_url: str) -> SchemaRegistryClient:
+    return SchemaRegistryClient({"url": registry_url})
+
+
+def avro(name: str, *fields: dict[str, object]) -> Schema:
+    return Schema(json.dumps({"type": "record", "name": name, "fields": list(fields)}), "AVRO")
+
+
+USER_V1 = avro("User", {"name": "name", "type": "string"})
+USER_V2 = avro("User", {"name": "name", "type": "string"}, {"name": "age", "type": "int", "default": 0})
+USER_BAD = avro("User", {"name": "name", "type": "string"}, {"name": "email", "type": "string"})
+
+
+def test_register_and_fetch(client: SchemaRegistryClient) -> None:
+    subject = unique_name("users-value")
+    schema_id = client.register_schema(subject, USER_V1)
+    assert client.register_schema(subject, USER_V1) == schema_id
+    fetched = client.get_schema(schema_id)
+    assert json.loads(fetched.schema_str) == json.loads(USER_V1.schema_str)
+    latest = client.get_latest_version(subject)
+    assert (latest.schema_id, latest.version) == (schema_id, 1)
+    assert client.get_version(subject, 1).schema_id == schema_id
+    assert client.lookup_schema(subject, USER_V1).version == 1
+    assert subject in client.get_subjects()
+    assert client.get_versions(subject) == [1]
+    assert "AVRO" in client.get_schema_types()
+
+
+def test_evolution_compatibility_and_config(client: SchemaRegistryClient) -> None:
+    subject = unique_name("users-value")
+    client.register_schema(subject, USER_V1)
+    assert client.test_compatibility(subject, USER_V2) is True
+    assert client.test_compatibility(subject, USER_BAD) is False
+    assert client.register_schema(subject, USER_V2) > 0
+    with pytest.raises(SchemaRegistryError) as refused:
+        client.register_schema(subject, USER_BAD)
+    assert refused.value.http_status_code == 409
+    assert refused.value.error_code == 40901
+
+    assert client.get_compatibility() == "BACKWARD"
+    assert client.set_compatibility(subject, "NONE") == {"compatibility": "NONE"}
+    assert client.get_compatibility(subject) == "NONE"
+    assert client.test_compatibility_all_versions(subject, USER_BAD) is True
+    client.register_schema(subject, USER_BAD)
+    assert client.get_versions(subject) == [1, 2, 3]
+
+
+def test_mode(client: SchemaRegistryClient) -> None:
+    subject = unique_name("users-value")
+    assert client.get_global_mode() == "READWRITE"
+    assert client.update_mode(subject, "READONLY") == "READONLY"
+    assert client.get_mode(subject) == "READONLY"
+    with pytest.raises(SchemaRegistryError) as refused:
+        client.register_schema(subject, USER_V1)
+    assert refused.value.error_code == 42205
+    client.delete_mode(subject)
+    client.register_schema(subject, USER_V1)
+
+
+def test_delete_soft_then_permanent(client: SchemaRegistryClient) -> None:
+    subject = unique_name("users-value")
+    client.register_schema(subject, USER_V1)
+    client.register_schema(subject, USER_V2)
+    assert client.delete_version(subject, 1) == 1
+    assert client.get_versions(subject) == [2]
+    assert client.delete_version(subject, 1, permanent=True) == 1
+    assert client.delete_subject(subject) == [2]
+    assert subject not in client.get_subjects()
+    with pytest.raises(SchemaRegistryError) as refused:
+        client.delete_subject(subject)
+    assert refused.value.error_code == 40404
+    assert client.delete_subject(subject, permanent=True) == [2]
+    with pytest.raises(SchemaRegistryError) as missing:
+        client.get_versions(subject)
+    assert missing.value.error_code == 40401
+
+
+def test_references(client: SchemaRegistryClient) -> None:
+    topic = unique_name("orders")
+    address_subject, order_subject = unique_name("address"), f"{topic}-value"
+    address = Schema(
+        json.dumps(
+            {
+                "type": "record",
+                "name": "Address",
+                "namespace": "shop",
+                "fields": [{"name": "city", "type": "string"}],
+            }
+        ),
+        "AVRO",
+    )
+    client.register_schema(address_subject, address)
+    order = Schema(
+        json.dumps(
+            {
+                "type": "record",
+                "name": "Order",
+                "namespace": "shop",
+                "fields": [{"name": "id", "type": "long"}, {"name": "ship_to", "type": "shop.Address"}],
+            }
+        ),
+        "AVRO",
+        [SchemaReference("shop.Address", address_subject, 1)],
+    )
+    order_id = client.register_schema(order_subject, order)
+    fetched = client.get_schema(order_id)
+    assert [(r.name, r.subject, r.version) for r in fetched.references] == [
+        ("shop.Address", address_subject, 1)
+    ]
+    with pytest.raises(SchemaRegistryError) as referenced:
+        client.delete_version(address_subject, 1)
+    assert referenced.value.error_code == 42206
+
+    # The serializer resolves the reference through the registry too.
+    serializer = AvroSerializer(
+        client, order, conf={"auto.register.schemas": False, "use.latest.version": True}
+    )
+    deserializer = AvroDeserializer(client)
+    ctx = SerializationContext(topic, MessageField.VALUE)
+    value = {"id": 7, "ship_to": {"city": "Lyon"}}
+    assert deserializer(serializer(value, ctx), ctx) == value
+
+
+def test_serializer_round_trip_and_evolution(client: SchemaRegistryClient) -> None:
+    topic = unique_name("users")
+    ctx = SerializationContext(topic, MessageField.VALUE)
+    old_writer = AvroSerializer(client, USER_V1.schema_str)
+    data = old_writer({"name": "ada"}, ctx)
+    assert data[0] == 0  # Confluent's wire format: magic byte, then the id
+    schema_id = int.from_bytes(data[1:5], "big")
+    assert client.get_latest_version(f"{topic}-value").schema_id == schema_id
+    assert AvroDeserializer(client)(data, ctx) == {"name": "ada"}
+
+    new_writer = AvroSerializer(client, USER_V2.schema_str)
+    newer = new_writer({"name": "bob", "age": 36}, ctx)
+    assert int.from_bytes(newer[1:5], "big") != schema_id
+    # A reader on the new schema fills the added field's default into old data.
+    reader = AvroDeserializer(client, USER_V2.schema_str)
+    assert reader(data, ctx) == {"name": "ada", "age": 0}
+    assert reader(newer, ctx) == {"name": "bob", "age": 36}
+    with pytest.raises(SchemaRegistryError) as refused:
+        AvroSerializer(client, USER_BAD.schema_str)({"name": "c", "email": "c@x"}, ctx)
+    assert refused.value.http_status_code == 409
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_pigeon_serve_registry_port_with_a_token(tmp_path: Path) -> None:
+    """`pigeon serve --registry-port`: the registry at the root of its own port, where Confluent
+    clients expect it; with --token, Basic auth carries the token as its password."""
+    port = _free_port()
+    served = Served(tmp_path / "data", 0, "--registry-port", str(port), "--token", "s3cret").wait_listening()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        subject = unique_name("orders-value")
+        anonymous = SchemaRegistryClient({"url": url})
+        with pytest.raises(SchemaRegistryError) as refused:
+            anonymous.register_schema(subject, USER_V1)
+        assert refused.value.http_status_code == 401
+        client = SchemaRegistryClient({"url": url, "basic.auth.user.info": "anyone:s3cret"})
+        schema_id = client.register_schema(subject, USER_V1)
+        mounted = httpx.get(
+            f"{served.http_url}/registry/schemas/ids/{schema_id}", headers={"Authorization": "Bearer s3cret"}
+        )
+        assert json.loads(mounted.json()["schema"]) == json.loads(USER_V1.schema_str)
+        assert httpx.get(f"{served.http_url}/registry/subjects").status_code == 401
+    finally:
+        assert served.stop(signal.SIGINT) == 0, served.stderr()
+
+
+def test_pigeon_registry_runs_alone_and_refuses_exposure_without_a_token(tmp_path: Path) -> None:
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "pigeon.cli",
+        "registry",
+        "--data",
+        str(tmp_path / "d"),
+        "--port",
+        str(port),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        client = SchemaRegistryClient({"url": f"http://127.0.0.1:{port}"})
+        for _ in range(200):
+            try:
+                schema_id = client.register_schema(unique_name("alone-value"), USER_V1)
+                break
+            except Exception:  # not listening yet
+                time.sleep(0.05)
+        else:
+            raise AssertionError("pigeon registry did not answer")
+        assert client.get_schema(schema_id).schema_type == "AVRO"
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(10) == 0
+    exposed = subprocess.run([*command, "--host", "0.0.0.0"], capture_output=True, text=True, timeout=30)
+    assert exposed.returncode == 1
+    assert exposed.stderr.strip().startswith(
+        "pigeon registry: refusing to serve the schema registry on 0.0.0.0"
+    )
