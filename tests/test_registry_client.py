@@ -6,13 +6,11 @@ loop in a thread while the test talks to it over HTTP.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,42 +24,14 @@ from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerialize
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from pigeon.server.registry import RegistryOptions, running
 from pigeon.testing.services import unique_name
+from registry_helpers import RegistryThread
 from serve_process import Served
-
-
-class _RegistryThread:
-    def __init__(self, data: Path) -> None:
-        self._data = data
-        self._ready = threading.Event()
-        self._loop = asyncio.new_event_loop()
-        self._stop: asyncio.Event | None = None
-        self.url = ""
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),))
-
-    async def _serve(self) -> None:
-        self._stop = asyncio.Event()
-        async with running(RegistryOptions(data=self._data, port=0)) as http:
-            self.url = http.url
-            self._ready.set()
-            await self._stop.wait()
-
-    def __enter__(self) -> _RegistryThread:
-        self._thread.start()
-        assert self._ready.wait(10), "the registry did not start"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-        self._loop.close()
 
 
 @pytest.fixture
 def registry_url(data_dir: Path) -> Iterator[str]:
-    with _RegistryThread(data_dir) as served:
+    with RegistryThread(data_dir) as served:
         yield served.url
 
 

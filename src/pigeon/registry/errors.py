@@ -126,3 +126,10 @@ class IdDoesNotMatchError(RegistryError):
 class InvalidSubjectNameError(RegistryError):
     error_code = 42208
     status = 422
+
+
+class RegistryUnavailableError(RegistryError, ConnectionError):
+    """A registry client could not reach the registry (raised on the client side only)."""
+
+    error_code = 50003
+    status = 503
