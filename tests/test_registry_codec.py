@@ -7,6 +7,7 @@ import dataclasses
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pydantic
 import pytest
@@ -19,7 +20,7 @@ from pigeon.errors import PayloadDecodeError, PayloadEncodeError
 from pigeon.registry.client import RegistryClient
 from pigeon.registry.codec import RegistryCodec
 from pigeon.registry.errors import IncompatibleSchemaError, SubjectNotFoundError
-from pigeon.registry.schemas import AvroSchema, JsonSchema
+from pigeon.registry.schemas import AvroSchema, JsonSchema, ProtobufSchema
 from pigeon.registry.wire import frame, read_message_indexes, unframe, write_message_indexes
 from pigeon.server.registry import RegistryOptions, running
 from pigeon.testing.services import unique_name
@@ -30,6 +31,7 @@ from registry_helpers import RegistryThread
 confluent = pytest.importorskip("confluent_kafka.schema_registry")
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer  # noqa: E402
 from confluent_kafka.schema_registry.json_schema import JSONDeserializer, JSONSerializer  # noqa: E402
+from confluent_kafka.schema_registry.protobuf import ProtobufDeserializer, ProtobufSerializer  # noqa: E402
 from confluent_kafka.serialization import MessageField, SerializationContext  # noqa: E402
 
 
@@ -231,5 +233,53 @@ async def test_bytes_cross_with_confluent_avro_and_json_serializers(threaded_reg
             "order": 3,
             "cents": 4,
         }
+    finally:
+        await codec.client.close()
+
+
+def _invoice_class() -> Any:
+    """A protobuf message class as protoc would generate it (built here: no protoc needed)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    file = descriptor_pb2.FileDescriptorProto(name="shop/invoice.proto", package="shop", syntax="proto3")
+    invoice = file.message_type.add(name="Invoice")
+    invoice.field.add(name="id", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_INT64)
+    invoice.field.add(name="customer", number=2, type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("shop.Invoice"))
+
+
+Invoice = _invoice_class()
+
+
+async def test_protobuf_messages_through_an_app(registry: RegistryClient, transport: Transport) -> None:
+    app = App(transport, codec=RegistryCodec(registry))  # a protobuf class is its own schema
+    got: list[Any] = []
+
+    @app.subscriber("shop.invoices", stream="shop", group="mail")
+    async def mail(invoice: Invoice) -> None:  # type: ignore[valid-type]
+        got.append(invoice)
+
+    async with app:
+        await app.publish("shop.invoices", Invoice(id=3, customer="ada"))
+        assert await until(lambda: bool(got))
+    assert got == [Invoice(id=3, customer="ada")]
+    with pytest.raises(PayloadEncodeError, match=r"expected a shop\.Invoice"):
+        await RegistryCodec(registry, {Order: ProtobufSchema(Invoice)}).encode(Order(1, 1.0), "shop.invoices")
+
+
+async def test_bytes_cross_with_confluent_protobuf_serializers(threaded_registry: str) -> None:
+    client = confluent.SchemaRegistryClient({"url": threaded_registry})
+    topic = unique_name("topic")
+    context = SerializationContext(topic, MessageField.VALUE)
+    codec = RegistryCodec(RegistryClient(threaded_registry))
+    conf = {"use.deprecated.format": False}
+    try:
+        theirs = ProtobufSerializer(Invoice, client, conf)(Invoice(id=1, customer="bob"), context)
+        assert await codec.decode(theirs, Invoice) == Invoice(id=1, customer="bob")
+        ours, _ = await codec.encode(Invoice(id=2, customer="eve"), topic)
+        assert ProtobufDeserializer(Invoice, conf)(ours, context) == Invoice(id=2, customer="eve")
+        assert unframe(ours)[0] == unframe(theirs)[0], "the same schema, registered once"
     finally:
         await codec.client.close()
