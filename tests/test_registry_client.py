@@ -243,3 +243,48 @@ def test_pigeon_registry_runs_alone_and_refuses_exposure_without_a_token(tmp_pat
     assert exposed.stderr.strip().startswith(
         "pigeon registry: refusing to serve the schema registry on 0.0.0.0"
     )
+
+
+def _json_schema(properties: tuple[str, ...], required: tuple[str, ...]) -> Schema:
+    """A closed object schema: ``id`` an integer, anything else a string."""
+    document = {
+        "type": "object",
+        "properties": {name: {"type": "integer" if name == "id" else "string"} for name in properties},
+        "required": list(required),
+        "additionalProperties": False,
+    }
+    return Schema(json.dumps(document), "JSON")
+
+
+PROTO_V1 = 'syntax = "proto3";\npackage shop;\nmessage Ticket {\n  int64 id = 1;\n}\n'
+PROTO_V2 = 'syntax = "proto3";\npackage shop;\nmessage Ticket {\n  int64 id = 1;\n  string note = 2;\n}\n'
+PROTO_BAD = 'syntax = "proto3";\npackage shop;\nmessage Ticket {\n  string id = 1;\n}\n'
+
+
+@pytest.mark.parametrize(
+    ("first", "compatible", "incompatible"),
+    [
+        (
+            _json_schema(("id",), ("id",)),
+            _json_schema(("id", "note"), ("id",)),  # an optional property added
+            _json_schema(("id", "note"), ("id", "note")),  # a required one: old data lacks it
+        ),
+        (Schema(PROTO_V1, "PROTOBUF"), Schema(PROTO_V2, "PROTOBUF"), Schema(PROTO_BAD, "PROTOBUF")),
+    ],
+    ids=["json", "protobuf"],
+)
+def test_json_and_protobuf_schemas_evolve_under_the_rules(
+    client: SchemaRegistryClient, first: Schema, compatible: Schema, incompatible: Schema
+) -> None:
+    subject = unique_name("evolving-value")
+    first_id = client.register_schema(subject, first)
+    assert client.get_schema(first_id).schema_type == first.schema_type
+    assert client.register_schema(subject, first) == first_id  # the same schema again: the same id
+    with pytest.raises(SchemaRegistryError) as refused:
+        client.register_schema(subject, incompatible)
+    assert refused.value.http_status_code == 409
+    assert not client.test_compatibility(subject, incompatible)
+    assert client.test_compatibility(subject, compatible)
+    second = client.register_schema(subject, compatible)
+    assert second != first_id
+    assert client.get_latest_version(subject).version == 2

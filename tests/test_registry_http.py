@@ -248,6 +248,14 @@ async def test_references(client: httpx.AsyncClient) -> None:
         ("POST", "/subjects/{s}/versions", b'{"schema": "{\\"type\\": \\"nope\\"}"}', 422, 42201),
         ("POST", "/subjects/{s}/versions", b'{"schema": "not json"}', 422, 42201),
         ("POST", "/subjects/{s}/versions", b'{"schema": "\\"int\\"", "schemaType": "XML"}', 422, 42201),
+        (
+            "POST",
+            "/subjects/{s}/versions",
+            b'{"schema": "{\\"type\\": 7}", "schemaType": "JSON"}',
+            422,
+            42201,
+        ),
+        ("POST", "/subjects/{s}/versions", b'{"schema": "message {", "schemaType": "PROTOBUF"}', 422, 42201),
         ("POST", "/subjects/{s}/versions", b'{"schema": "\\"int\\"", "bogus": 1}', 422, 422),
         ("POST", "/subjects/{s}/versions", b'{"schema": "\\"int\\"", "references": 3}', 422, 42201),
         (
