@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import typer
 
-from . import bench, consume, demo, dlq, exporter, lag, pub, registry, replay, req, serve, stream, sub
+from . import bench, consume, demo, dlq, es, exporter, lag, pub, registry, replay, req, serve, stream, sub
 
 __all__ = ["app", "main"]
 
@@ -44,6 +44,7 @@ app.add_typer(dlq.app, name="dlq")
 app.command("bench")(bench.bench)
 app.command("demo")(demo.demo)
 app.command("registry")(registry.registry)
+app.add_typer(es.app, name="es")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
