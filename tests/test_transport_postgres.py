@@ -889,3 +889,45 @@ async def test_a_batch_acked_concurrently_is_committed_once_and_only_once(env: E
     await consumer.close()
     again = await env.t.consumer(stream, ConsumerSpec(group, kind=kind))  # type: ignore[arg-type]
     assert await again.fetch(10, 0.3) == [], "everything stayed settled"
+
+
+# -- listing and purging ----------------------------------------------------------------------------
+
+
+async def test_purge_drops_what_members_hold_once_they_give_it_back(env: Env) -> None:
+    stream, prefix = await env.stream(partitions=2)
+    group = unique_name("g")
+    shared = await env.t.consumer(stream, ConsumerSpec(group, ack_wait_s=0.5))
+    ordered = await env.t.consumer(stream, ConsumerSpec(unique_name("o"), kind="ordered"))
+    for i in range(8):
+        await env.t.publish(f"{prefix}.old", f"old{i}".encode(), key=f"k{i}")
+    held = await drain(shared, 4, ack=False)
+    batch = await drain(ordered, 1, ack=False)
+    await held[0].term("poison")
+    await env.t.purge_stream(stream)
+    await held[1].ack()  # settling what was held still works
+    await held[2].nack()  # comes back to no message: dropped
+    await batch[0].nack()  # the partition rewinds onto the gap
+    for i in range(3):
+        await env.t.publish(f"{prefix}.new", f"new{i}".encode(), key=f"k{i}")
+    await asyncio.sleep(0.6)  # held[3]'s lease expires too
+    new = [f"new{i}".encode() for i in range(3)]
+    for consumer in (shared, ordered, await env.t.consumer(stream, ConsumerSpec(unique_name("g")))):
+        assert sorted(r.message.payload for r in await drain(consumer, 4, timeout=2)) == new
+    assert (await env.t.stream_state(stream)).messages == 3
+    assert [m.payload for m in await env.t.read_dead_letters(stream, group)] == [held[0].message.payload]
+    assert sum(lag.lag for lag in await env.t.lag(stream, group)) == 0
+
+
+async def test_listing_names_the_schemas_streams_only(env: Env) -> None:
+    assert await env.t.list_streams() == []
+    first, _ = await env.stream()
+    second, _ = await env.stream(partitions=3)
+    group = unique_name("g")
+    await env.t.consumer(first, ConsumerSpec(group))
+    other = await env.another()
+    assert await other.list_streams() == sorted([first, second, f"{first}-{group}-dlq"])
+    await env.t.delete_stream(first)
+    assert await other.list_streams() == [second]
+    with pytest.raises(StreamNotFoundError):
+        await other.purge_stream(first)

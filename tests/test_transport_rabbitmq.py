@@ -664,3 +664,53 @@ async def test_the_registry_is_snapshotted_and_read_from_the_snapshot(
     assert entry.groups[group].spec == ConsumerSpec(group, kind="ordered", max_deliver=4)
     assert entry.groups[group].starts == [0, 0]
     await consumer.close()
+
+
+# -- listing and purging ---------------------------------------------------------------------------------
+
+
+async def test_purge_reaches_copies_members_hold_and_other_processes(env: Env) -> None:
+    stream, prefix = await env.stream(partitions=2)
+    group = unique_name("g")
+    spec = ConsumerSpec(group, ack_wait_s=1)
+    here = await env.t.consumer(stream, spec)
+    other = await env.another()
+    there = await other.consumer(stream, spec)
+    ordered = await other.consumer(stream, ConsumerSpec(unique_name("o"), kind="ordered"))
+    for i in range(12):
+        await env.t.publish(f"{prefix}.old", f"old{i}".encode(), key=f"k{i}")
+    held = await drain(here, 4, ack=False)
+    for received in held[:2]:
+        await received.ack()  # RabbitMQ refills the member: two copies wait in it unseen
+    assert len(await drain(there, 3, ack=False)) == 3
+    await held[2].term("poison")
+    (letter,) = await env.t.read_dead_letters(stream, group)
+    await env.t.purge_stream(stream)
+    assert await until(lambda: other.registry.streams[stream].purges == 1)
+    assert other.registry.streams[stream].floors == env.t.registry.streams[stream].floors
+    await there.close()  # its three go back to the queue: dropped when fetched
+    await held[3].nack()  # its copy comes back: dropped
+    for i in range(3):
+        await env.t.publish(f"{prefix}.new", f"new{i}".encode(), key=f"k{i}")
+    new = [f"new{i}".encode() for i in range(3)]
+    assert sorted(r.message.payload for r in await drain(here, 4, timeout=3)) == new
+    assert sorted(r.message.payload for r in await drain(ordered, 4, timeout=3)) == new
+    assert (await env.t.stream_state(stream)).messages == 3
+    # The dead letters stay; a group created now starts at the purge, not before it.
+    assert [m.id for m in await env.t.read_dead_letters(stream, group)] == [letter.id]
+    late = await env.t.consumer(stream, ConsumerSpec(unique_name("g")))
+    assert sorted(r.message.payload for r in await drain(late, 4, timeout=3)) == new
+    for consumer in (here, ordered, late):
+        await consumer.close()
+
+
+async def test_listing_follows_other_processes_and_deletions(env: Env) -> None:
+    other = await env.another()
+    name = unique_name("rq")
+    await other.create_stream(StreamSpec(name, (f"{name.replace('-', '_')}.>",)))
+    group = unique_name("g")
+    await (await other.consumer(name, ConsumerSpec(group))).close()
+    listed = await env.t.list_streams()  # created elsewhere a moment ago: listed all the same
+    assert {name, f"{name}-{group}-dlq"} <= set(listed) and listed == sorted(listed)
+    await other.delete_stream(name)
+    assert not [s for s in await env.t.list_streams() if s.startswith(name)]

@@ -43,6 +43,12 @@ Mapping of pigeon's concepts to tables (`._schema`)
   partitions)`` each) rather than applied to their total; ``max_bytes`` counts payload bytes
   only (not subjects, headers or row overhead); limits can be exceeded between two passes.
 - Deleting a stream deletes its rows, its groups and their dead-letter streams.
+- `list_streams` reads the ``streams`` table (dead-letter streams included). `purge_stream`
+  deletes, in one transaction, every message below each partition's counter, as retention
+  does: publishes committed before it are gone, later ones stay, offsets continue. Groups
+  skip the gap. A shared group's rows of purged messages are deleted unless a member holds
+  them: its ack works, and a nack, an expired lease or its leaving finds the message gone
+  and drops the row. Dead letters live in their own streams and stay.
 
 Shared groups (`._shared`)
 --------------------------

@@ -41,7 +41,15 @@ from ._options import Names, PostgresOptions
 from ._ordered import OrderedConsumer
 from ._schema import ensure_schema
 from ._shared import SharedConsumer
-from ._streams import Registry, StreamEntry, Writer, apply_retention, check_spec, spec_from_row
+from ._streams import (
+    Registry,
+    StreamEntry,
+    Writer,
+    apply_retention,
+    check_spec,
+    delete_below,
+    spec_from_row,
+)
 
 log = logging.getLogger("pigeon.transport.postgres")
 
@@ -429,6 +437,32 @@ class PostgresTransport(Transport):
             messages=messages,
             last_offsets=tuple(r["next_offset"] - 1 for r in rows),
         )
+
+    async def list_streams(self) -> list[str]:
+        self.core.check_open()
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(f"SELECT name FROM {self.names.streams}")
+        return sorted(row["name"] for row in rows)
+
+    async def purge_stream(self, name: str) -> None:
+        """Delete every message below each partition's counter, as retention would: groups
+        skip the gap (cursors and committed offsets stay), rows held by a member stay until
+        it settles them, and a nacked or expired one finds its message gone and is dropped."""
+        self.core.check_open()
+        n = self.names
+        async with self.pool.acquire() as conn, conn.transaction():
+            entry = await self._entry(conn, name)
+            # One transaction: the partitions are purged together or not at all. A publish
+            # committed before the counters are read is removed; one that commits later stays.
+            heads = await conn.fetch(
+                f"SELECT partition, next_offset FROM {n.partitions} WHERE stream = $1 AND generation = $2",
+                name,
+                entry.generation,
+            )
+            for row in heads:
+                await delete_below(conn, n, entry, row["partition"], row["next_offset"])
+            # Parked rows of key_ordered groups were deleted: their keys are free.
+            await conn.execute("SELECT pg_notify($1, $2)", n.data_channel, name)
 
     # -- groups --------------------------------------------------------------------------------------
 

@@ -125,6 +125,29 @@ eventually consistent: acks have no answer, so a message just acked can still co
 Ordered groups: per partition, ``head`` = the stream queue's end, ``committed`` = the
 commit record, ``in_flight`` the owner's batch when the owner is in this process.
 
+Listing and purging
+-------------------
+`list_streams` names the registry's streams (after a ``sync``), dead-letter streams
+included. Stream queues cannot be emptied (RabbitMQ answers ``queue.purge`` on one by
+closing the connection), so `purge_stream` empties what can be emptied and marks the rest:
+
+- it purges the queues of the stream's shared groups and their retry queues, then appends
+  a ``purge`` record holding, per partition, the offset after the last message (the
+  *floor*). `stream_state` counts from the floor, ordered members read from it (a running
+  reader is restarted there), new groups never start below it, and `read_dead_letters` of
+  a purged dead-letter stream starts there. The stream queues keep the bytes until their
+  retention removes them.
+- every stored publish carries its stream's purge count as the publisher's registry knows
+  it (``x-pigeon-purges``). A shared member drops (acks) a message whose count is below the
+  stream's: that removes the copies the queue purge could not reach, those members held
+  unacknowledged at the time, when a nack, an expired lease or a member leaving brings
+  them back. Settling a purged message a member still holds works as before.
+- members in other processes apply the purge when the record reaches them (milliseconds):
+  until then they can still hand out what they had prefetched. A publisher in another
+  process that has not seen the record yet stamps the old count, so its message, though
+  stored, is dropped by shared groups; a message published while a purge runs can be
+  removed for some groups and not others.
+
 What a crash can lose or repeat
 -------------------------------
 Stored messages are as durable as RabbitMQ makes them: a confirm comes once the stream

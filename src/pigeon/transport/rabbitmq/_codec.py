@@ -27,6 +27,7 @@ H_SUBJECT = "x-pigeon-subject"  # on copies whose routing key is a queue name
 H_PARTITION = "x-pigeon-p"
 H_OFFSET = "x-pigeon-offset"  # on copies made from a stream queue
 H_DELIVERIES = "x-pigeon-deliveries"  # deliveries before this copy was made (a nack)
+H_PURGES = "x-pigeon-purges"  # how many purges of its stream its publisher had seen
 H_FIRST_FAILURE = "x-pigeon-first-failure-us"
 H_LAST_FAILURE = "x-pigeon-last-failure-us"
 H_ERROR_TYPE = "x-pigeon-error-type"

@@ -18,10 +18,11 @@ from ...engine.groups.deadletter import Failures, dead_letter_message, dead_lett
 from ...errors import StreamNotFoundError
 from ...message import Message
 from ..base import ConsumerSpec, PartitionLag, StreamSpec
-from ._channel import unexpected
+from ._channel import Chan, unexpected
 from ._codec import (
     H_OFFSET,
     H_PARTITION,
+    H_PURGES,
     H_SUBJECT,
     copy_properties,
     properties,
@@ -89,6 +90,10 @@ class Groups:
         return self.t.registry.streams[spec.name]
 
     async def start_offset(self, entry: StreamEntry, p: int, start: StartAt) -> int:
+        # A group never starts below a purge: the stream queue still holds what it removed.
+        return max(entry.floor(p), await self._start_offset(entry, p, start))
+
+    async def _start_offset(self, entry: StreamEntry, p: int, start: StartAt) -> int:
         if start.kind == "earliest":
             return 0
         if start.kind == "offset":
@@ -207,6 +212,28 @@ class Groups:
             calls.append(lambda ch: ch.exchange_delete(names.members_exchange(entry.name, group)))
         await self.t.admin_call(f"deleting group {group!r}", calls)
 
+    async def purge_queues(self, entry: StreamEntry) -> None:
+        """Empty the queues of the stream's shared groups (ready and waiting copies). What
+        members hold stays with them: they drop it by its purge count if it comes back."""
+        names = self.t.names
+        queues: list[str] = []
+        for group in entry.groups.values():
+            if group.spec.kind == "shared":
+                queues.append(names.group_queue(entry.name, group.spec.group))
+                queues += [names.level_queue(entry.name, group.spec.group, k) for k in sorted(group.levels)]
+        chan: Chan | None = None
+        try:
+            for queue in queues:
+                if chan is None or chan.closed:  # a refusal closes the channel
+                    chan = await self.t.open_chan()
+                with contextlib.suppress(aiormq.exceptions.ChannelNotFoundEntity):  # group deleted
+                    await chan.raw.queue_purge(queue)
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as error:
+            raise unexpected(error, f"purging the groups of stream {entry.name!r}") from None
+        finally:
+            if chan is not None:
+                await chan.close()
+
     async def retry_level(self, stream: str, group: str, level: int) -> str:
         """The queue holding retries of up to 2**level ms; expired ones go back to the group."""
         queue = self.t.names.level_queue(stream, group, level)
@@ -236,7 +263,11 @@ class Groups:
         letter = dead_letter_message(
             message, group, delivery_count, failures, dead_letter_subject(stream, group)
         )
-        props = properties(letter.id, letter.headers, letter.key, time.time(), persistent=True)
+        headers: dict[str, Any] = dict(letter.headers)
+        letters = self.t.registry.streams.get(name)
+        if letters is not None and letters.purges:
+            headers[H_PURGES] = letters.purges
+        props = properties(letter.id, headers, letter.key, time.time(), persistent=True)
         rk = routing_key("0", letter.subject)
         try:
             await self.t.publish_confirmed(self.t.names.stream_exchange(name), rk, letter.payload, props)
@@ -310,6 +341,7 @@ class Groups:
                 owner = consumer
         record = await self.read_commit(self.t.names.commit_queue(entry.name, group.spec.group, p))
         committed = int(record["next"]) if record is not None else group.starts[p]
+        committed = max(committed, entry.floor(p))
         committed = min(committed, head) if head else committed
         in_flight = 0 if owner is None else owner.in_flight(p)
         lag = max(0, head - committed)

@@ -381,10 +381,16 @@ class OrderedConsumer(Consumer):
 
     # -- reading -------------------------------------------------------------------------------------
 
+    def _floor(self, p: int) -> int:
+        """Where a purge left partition ``p``: everything below is gone for the group."""
+        entry = self._t.registry.streams.get(self.stream)
+        return 0 if entry is None else entry.floor(p)
+
     async def _start_reader(self, part: _Partition) -> None:
         chan = self._data
         if chan is None or chan.closed:
             raise TransportClosedError(f"member {self.name!r} of group {self.group!r} lost its channel")
+        part.position = max(part.position, self._floor(part.p))
         part.generation += 1
         generation = part.generation
         self._tags += 1
@@ -434,6 +440,8 @@ class OrderedConsumer(Consumer):
             self._check_open()
             now = time.monotonic()
             for part in list(self._parts.values()):
+                if part.reader_tag and part.position < self._floor(part.p):
+                    await self._stop_reader(part)  # purged: restart at the floor, not read through
                 if part.owned and not part.releasing and not part.reader_tag and part.paused_until <= now:
                     await self._start_reader(part)
             self._wake.clear()
@@ -470,6 +478,7 @@ class OrderedConsumer(Consumer):
                 break
             if not part.owned or part.releasing or part.batch or part.paused_until > now or not part.buffer:
                 continue
+            part.position = max(part.position, self._floor(part.p))
             batch: list[OrderedDelivery] = []
             while part.buffer and len(out) + len(batch) < max_messages:
                 delivered = part.buffer.popleft()

@@ -2,7 +2,7 @@
 
 AMQP can neither list exchanges nor store a small document, so pigeon keeps its catalogue
 as records appended to the stream queue ``<prefix>.meta`` (``stream``, ``delete``,
-``group``, ``ungroup``, ``level`` (a shared group's retry queue), ``sync``). Every
+``group``, ``ungroup``, ``level`` (a shared group's retry queue), ``purge``, ``sync``). Every
 transport reads the log when it opens (from its latest snapshot) and keeps following it,
 so all of them apply the same records in the same order and agree: the first ``stream``
 record of a name wins (a later one, or one whose subjects overlap a live stream's, is
@@ -58,10 +58,19 @@ class GroupEntry:
 class StreamEntry:
     spec: StreamSpec
     groups: dict[str, GroupEntry] = field(default_factory=dict)
+    # Per partition, the offset below which a purge removed everything (stream queues
+    # cannot be emptied: readers skip what lies below).
+    floors: list[int] = field(default_factory=list)
+    # Purges applied so far: stored publishes carry it, so shared groups can tell (and drop)
+    # the copies of messages published before the latest purge.
+    purges: int = 0
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def floor(self, p: int) -> int:
+        return self.floors[p] if p < len(self.floors) else 0
 
 
 class Registry:
@@ -113,6 +122,8 @@ class Registry:
                         }
                         for group in entry.groups.values()
                     ],
+                    "floors": entry.floors,
+                    "purges": entry.purges,
                 }
                 for entry in self.streams.values()
             ],
@@ -122,7 +133,9 @@ class Registry:
         """Start from a snapshot (before following the log after its offset)."""
         for item in snapshot["streams"]:
             spec = stream_spec_from_json(item["spec"])
-            entry = self.streams[spec.name] = StreamEntry(spec)
+            entry = self.streams[spec.name] = StreamEntry(
+                spec, floors=[int(f) for f in item.get("floors", [])], purges=int(item.get("purges", 0))
+            )
             for pattern in spec.subjects:
                 self._index.add(pattern, spec.name)
             for group in item["groups"]:
@@ -162,6 +175,14 @@ class Registry:
             if known is None or int(record["level"]) in known.levels:
                 return False
             known.levels.add(int(record["level"]))
+            return True
+        if op == "purge":
+            stream = self.streams.get(record["stream"])
+            if stream is None:
+                return False
+            floors = [int(f) for f in record["floors"]]
+            stream.floors = [max(stream.floor(p), f) for p, f in enumerate(floors)]
+            stream.purges += 1
             return True
         if op == "ungroup":
             stream = self.streams.get(record["stream"])

@@ -25,6 +25,7 @@ from ._codec import (
     H_DELIVERIES,
     H_OFFSET,
     H_PARTITION,
+    H_PURGES,
     H_SUBJECT,
     copy_properties,
     decode,
@@ -187,6 +188,12 @@ class SharedConsumer(Consumer):
                 await chan.raw.basic_nack(delivered.delivery_tag or 0, requeue=True)
 
     async def _lease(self, delivered: DeliveredMessage) -> SharedDelivery | None:
+        entry = self._t.registry.streams.get(self.stream)
+        if entry is not None and int_header(delivered, H_PURGES, 0) < entry.purges:
+            # Published before the stream's latest purge: a copy the purge could not reach
+            # (held by a member then, or on its way back from a nack or an expired lease).
+            await self._settle_on_broker(delivered, ack=True)
+            return None
         # A nack's copy carries the deliveries before it; RabbitMQ counts the returns since
         # (lease expiries, members that closed or died) in x-delivery-count.
         count = int_header(delivered, H_DELIVERIES, 0) + int_header(delivered, "x-delivery-count", 0) + 1

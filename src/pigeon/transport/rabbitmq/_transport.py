@@ -50,6 +50,7 @@ from . import _archive
 from ._channel import Chan, is_connection_error, open_chan, unexpected
 from ._codec import (
     CORE_WORD,
+    H_PURGES,
     check_headers,
     check_payload,
     decode,
@@ -305,7 +306,7 @@ class RabbitMQTransport(Transport):
         """Where a publish goes: (exchange, routing key, body, properties, its ack)."""
         validate_subject(subject)
         body = check_payload(payload)
-        table = check_headers(headers)
+        table: dict[str, Any] | None = check_headers(headers)
         if key is not None and not isinstance(key, str):
             raise InvalidMessageError(f"key must be a str, not {type(key).__name__}")
         entry = self.registry.route(subject)
@@ -319,6 +320,8 @@ class RabbitMQTransport(Transport):
             partition = self._round_robin.get(stream.name, 0)
             self._round_robin[stream.name] = (partition + 1) % stream.partitions
         rk = routing_key(str(partition), subject)
+        if entry.purges:
+            table = {**(table or {}), H_PURGES: entry.purges}
         sequence = self._sequences.get((stream.name, partition), 0)
         self._sequences[(stream.name, partition)] = sequence + 1
         props = properties(new_id(), table, key, time.time(), persistent=True)
@@ -532,10 +535,30 @@ class RabbitMQTransport(Transport):
             asyncio.gather(*(self.probe(name, p, "first") for p in range(spec.partitions))),
             asyncio.gather(*(self.probe(name, p, "last") for p in range(spec.partitions))),
         )
-        messages = sum(
-            last - first + 1 for first, last in zip(firsts, lasts, strict=True) if last >= 0 <= first
-        )
+        messages = 0
+        for p, (first, last) in enumerate(zip(firsts, lasts, strict=True)):
+            if last >= 0 <= first:
+                messages += max(0, last - max(first, entry.floor(p)) + 1)
         return StreamState(name, spec.subjects, spec.partitions, messages, tuple(lasts))
+
+    async def list_streams(self) -> list[str]:
+        self._check_open()
+        await self.registry.sync()
+        return sorted(self.registry.streams)
+
+    async def purge_stream(self, name: str) -> None:
+        """Empty the stream for every group (see "Listing and purging" in the package docs)."""
+        self._check_open()
+        await self.registry.sync()  # groups created elsewhere a moment ago have queues too
+        entry = await self._stream(name)
+        # The group queues first: what a publish adds between this and the probes below is
+        # then still stamped with the old purge count, so shared groups drop it, as the new
+        # floors drop it for readers of the stream queues.
+        await self.groups.purge_queues(entry)
+        lasts = await asyncio.gather(*(self.probe(name, p, "last") for p in range(entry.spec.partitions)))
+        record = {"op": "purge", "stream": name, "floors": [last + 1 for last in lasts]}
+        if not await self.registry.append(record):
+            raise StreamNotFoundError(f"stream {name!r} was deleted while it was purged")
 
     async def probe(self, stream: str, p: int, where: str) -> int:
         try:
@@ -643,9 +666,11 @@ class RabbitMQTransport(Transport):
         entry = await self._stream(stream)
         validate_name(group, "group")
         name = self.groups.dead_letter_spec(entry.spec, group).name
-        if name not in self.registry.streams:
+        letters_entry = self.registry.streams.get(name)
+        if letters_entry is None:
             await self.registry.sync()
-            if name not in self.registry.streams:
+            letters_entry = self.registry.streams.get(name)
+            if letters_entry is None:
                 return []
         last = await self.probe(name, 0, "last")
         letters: list[Message] = []
@@ -654,7 +679,7 @@ class RabbitMQTransport(Transport):
             letters.append(decode(delivered, stream=name, partition=0, offset=offset))
             return len(letters) < max_messages
 
-        await self.read_partition(name, 0, 0, last, collect)
+        await self.read_partition(name, 0, letters_entry.floor(0), last, collect)
         return letters
 
 
