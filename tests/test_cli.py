@@ -48,6 +48,10 @@ def test_completion_and_help_list_every_command() -> None:
         "dlq",
         "bench",
         "demo",
+        "serve",
+        "exporter",
+        "registry",
+        "es",
     ):
         assert f" {command} " in help_text
 
