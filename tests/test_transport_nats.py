@@ -34,7 +34,7 @@ from pigeon.errors import (
     UnsupportedFeatureError,
 )
 from pigeon.message import Headers, Message
-from pigeon.testing.conformance import drain
+from pigeon.testing.conformance import drain, drain_all
 from pigeon.testing.services import require_service, unique_name
 from pigeon.transport import connect
 from pigeon.transport.base import ConsumerSpec, Received, StreamSpec
@@ -428,6 +428,65 @@ async def test_deleting_a_stream_deletes_what_pigeon_made_for_it(nats_transport:
     for info in await t.js.streams_info():
         names.add(info.config.name)
     assert not {n for n in names if n and (n.startswith(stream) or stream in n)}
+
+
+async def test_list_streams_names_pigeon_streams_only(
+    nats_transport: NatsTransport, streams: Streams
+) -> None:
+    t = nats_transport
+    stream, _ = await streams.make(partitions=2)
+    ordered = await t.consumer(stream, ConsumerSpec(unique_name("o"), kind="ordered"))  # a KV bucket
+    foreign = unique_name("foreign")
+    await t.js.add_stream(name=foreign, subjects=[f"{foreign.replace('-', '_')}.>"])
+    try:
+        listed = await t.list_streams()
+    finally:
+        await t.js.delete_stream(foreign)
+    assert stream in listed and foreign not in listed and listed == sorted(listed)
+    assert not [name for name in listed if stream in name and name != stream]  # partitions, bucket
+    await ordered.close()
+
+
+async def test_purge_forgets_deliveries_and_prefetches_in_every_process(
+    nats_transport: NatsTransport, streams: Streams
+) -> None:
+    t = nats_transport
+    stream, prefix = await streams.make(partitions=2)
+    spec = ConsumerSpec(unique_name("g"), ack_wait_s=1.0)
+    here = await t.consumer(stream, spec)
+    elsewhere = await open_nats(FAST)
+    try:
+        there = await elsewhere.consumer(stream, spec)
+        ordered = await t.consumer(stream, ConsumerSpec(unique_name("o"), kind="ordered", ack_wait_s=10))
+        for i in range(8):
+            await t.publish(f"{prefix}.old", f"old{i}".encode(), key=f"k{i}")
+        held = await drain(here, 3, ack=False)
+        # A fetch of one asks both partitions: the other answer is prefetched into a buffer.
+        held += await there.fetch(1, 5)
+        batch = await ordered.fetch(10, 5)
+        await asyncio.sleep(0.2)
+        await t.purge_stream(stream)
+        for p in range(2):
+            assert (await t.js.stream_info(f"{stream}~{p}")).state.messages == 0
+        await held[0].ack()  # held across the purge: settling it still works
+        for delivery in batch[1:]:
+            if delivery.partition != batch[0].partition:
+                await delivery.ack()
+        await batch[0].nack()  # an ordered rewind to a purged message moves on to what is left
+        for i in range(4):
+            await t.publish(f"{prefix}.new", f"new{i}".encode(), key=f"k{i}")
+        new = sorted(f"new{i}".encode() for i in range(4))
+        got = await drain_all([here, there], 4, timeout=5)
+        assert sorted(payloads([r for g in got for r in g])) == new
+        assert sorted(payloads(await drain(ordered, 5, timeout=3))) == new
+        # Past ack_wait: the purged deliveries nobody settled do not come back.
+        assert await drain(here, 1, timeout=1.5) == []
+        assert sum(p.lag for p in await t.lag(stream, spec.group)) == 0
+        await there.close()
+    finally:
+        await elsewhere.close()
+    await here.close()
+    await ordered.close()
 
 
 # -- ordered groups -----------------------------------------------------------------------------

@@ -234,6 +234,55 @@ async def test_delete_stream_removes_every_key(env: Env) -> None:
         await env.t.delete_stream(stream)
 
 
+async def test_purge_empties_every_partition_and_drops_what_groups_held(env: Env) -> None:
+    t = env.t
+    stream, prefix = await env.stream(partitions=2)
+    group = unique_name("g")
+    shared = await t.consumer(stream, ConsumerSpec(group, ack_wait_s=0.5))
+    ordered = await t.consumer(stream, ConsumerSpec(unique_name("o"), kind="ordered", ack_wait_s=10))
+    for i in range(8):
+        await t.publish(f"{prefix}.old", f"old{i}".encode(), key=f"k{i}")
+    held = await drain(shared, 4, ack=False)
+    await held[0].nack(delay=0.2)  # waits in the delayed set when the purge comes
+    batch = await ordered.fetch(10, 5)
+    await t.purge_stream(stream)
+    assert [await t.client.xlen(t.keys.partition(stream, p)) for p in range(2)] == [0, 0]
+    assert not await t.client.exists(t.keys.delayed(stream, group))
+    await held[1].ack()  # a delivery held across the purge can still be settled
+    for delivery in batch[1:]:
+        if delivery.partition != batch[0].partition:
+            await delivery.ack()  # settled across the purge: the partition's next batch may come
+    await batch[0].nack()  # an ordered rewind to a purged message moves on to what is left
+    for i in range(4):
+        await t.publish(f"{prefix}.new", f"new{i}".encode(), key=f"k{i}")
+    new = sorted(f"new{i}".encode() for i in range(4))
+    # Longer than ack_wait and the nack's delay: neither brings a purged message back.
+    assert sorted(r.message.payload for r in await drain(shared, 5, timeout=1.5)) == new
+    assert sorted(r.message.payload for r in await drain(ordered, 5, timeout=1.5)) == new
+    lag = await t.lag(stream, group)
+    assert [(p.lag, p.in_flight, p.waiting) for p in lag] == [(0, 0, 0), (0, 0, 0)]
+    assert [p.head for p in lag] == [o + 1 for o in (await t.stream_state(stream)).last_offsets]
+    await shared.close()
+    await ordered.close()
+
+
+async def test_list_streams_names_the_registry_of_its_own_prefix(env: Env, url: str) -> None:
+    stream, _ = await env.stream(partitions=3)
+    other = await connect(url, RedisOptions(prefix=unique_name("other")))
+    try:
+        theirs = unique_name("rs")
+        await other.create_stream(StreamSpec(theirs, (f"{theirs.replace('-', '_')}.>",)))
+        listed = await env.t.list_streams()
+        assert stream in listed and theirs not in listed and listed == sorted(listed)
+        assert await other.list_streams() == [theirs]
+        await other.delete_stream(theirs)
+        assert await other.list_streams() == []
+    finally:
+        await other.close()
+    with pytest.raises(StreamNotFoundError):
+        await env.t.purge_stream(unique_name("missing"))
+
+
 async def test_retention_by_count_and_age(url: str) -> None:
     transport = await connect(url, RedisOptions(exact_trim=True))
     env = Env(transport)  # type: ignore[arg-type]

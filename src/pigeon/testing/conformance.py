@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from ..engine.config import StartAt
-from ..errors import NoRespondersError, RequestTimeoutError, UnsupportedFeatureError
+from ..errors import NoRespondersError, RequestTimeoutError, StreamNotFoundError, UnsupportedFeatureError
 from ..message import Headers, Message
 from ..transport import connect
 from ..transport.base import ConsumerSpec, Received, StreamSpec, Transport
@@ -237,6 +237,30 @@ class TransportConformance:
         state = await transport.stream_state(stream)
         assert state.messages == 5
         await watcher.unsubscribe()
+
+    async def test_list_and_purge_streams(self, transport: Transport) -> None:
+        partitions = 2 if self.has(transport, "partitions") else 1
+        stream, prefix = await self.stream(transport, partitions=partitions)
+        assert stream in await transport.list_streams()
+        shared = await transport.consumer(stream, ConsumerSpec(unique_name("s"), ack_wait_s=10))
+        ordered = await transport.consumer(
+            stream, ConsumerSpec(unique_name("o"), kind="ordered", ack_wait_s=10)
+        )
+        for i in range(6):
+            await transport.publish(f"{prefix}.old", f"old{i}".encode(), key=f"k{i}")
+        assert len(await drain(shared, 2)) == 2, "the shared group had settled part of the stream"
+        await transport.purge_stream(stream)
+        assert (await transport.stream_state(stream)).messages == 0
+        for i in range(4):
+            await transport.publish(f"{prefix}.new", f"new{i}".encode(), key=f"k{i}")
+        for consumer in (shared, ordered):
+            got = await drain(consumer, 5, timeout=3)
+            assert sorted(r.message.payload for r in got) == [f"new{i}".encode() for i in range(4)]
+            await consumer.close()
+        await transport.delete_stream(stream)
+        assert stream not in await transport.list_streams()
+        with pytest.raises(StreamNotFoundError):
+            await transport.purge_stream(stream)
 
     async def test_concurrent_publishers_and_consumers_lose_nothing(self, transport: Transport) -> None:
         stream, prefix = await self.stream(

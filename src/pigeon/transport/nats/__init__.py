@@ -27,6 +27,15 @@ Mapping of pigeon's concepts to NATS
   subjects of any cardinality cost no lookup. A stream another process creates is noticed
   within that time (meanwhile its subjects' messages are stored, but the publish returns
   None); one that was deleted answers no-responders, which makes pigeon list again.
+- ``list_streams`` names the streams pigeon created (their description says so), dead-letter
+  streams included; not the partitions' own streams, the ordered groups' KV buckets, nor
+  other applications' streams. ``purge_stream`` purges each partition's stream up to its
+  last sequence; offsets continue. JetStream moves every consumer past the purged messages
+  and forgets their unacknowledged deliveries and delayed naks; a delivery a member holds
+  can still be settled (JetStream ignores it). Members drop what they had prefetched of the
+  purged messages: in this process before the purge returns, in others when the notice on
+  ``$PGNC.<stream>`` reaches them (a fetch in between may still hand one out). An ordered
+  partition paused by a delayed nack stays paused for the rest of the delay.
 - Dedup: JetStream's, within ``duplicate_window``; a duplicate's `PubAck` has the original's
   offset and ``duplicate=True``.
 - Replay: earliest = DeliverAll, latest = DeliverNew, offset n = DeliverByStartSequence

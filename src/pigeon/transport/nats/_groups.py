@@ -25,7 +25,7 @@ from ...errors import AlreadySettledError, DeliveryNotOwnedError, GroupNotFoundE
 from ...message import Message
 from ..base import Consumer, ConsumerSpec, Received
 from ._codec import jetstream_errors, read_message
-from ._options import Layout, NatsOptions
+from ._options import Layout, NatsOptions, purge_subject
 from ._pull import EXPIRES_MARGIN_S, MIN_EXPIRES_S, Arrival, Puller, Signal
 
 if TYPE_CHECKING:
@@ -119,7 +119,12 @@ class Member(Consumer):
         self.ctx = ctx
         self.name = name
         self.puller = Puller(
-            ctx.nc, ctx.layout.streams, ctx.spec.group, self._arrived, ctx.options.subscription_buffer
+            ctx.nc,
+            ctx.layout.streams,
+            ctx.spec.group,
+            self._arrived,
+            ctx.options.subscription_buffer,
+            purge_subject(ctx.layout.name),
         )
         self.signal = Signal()
         self.left = ""  # why this member is no longer in the group

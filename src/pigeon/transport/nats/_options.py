@@ -12,7 +12,8 @@ from ...errors import InvalidConfigError, InvalidNameError
 # Subjects under this root carry pigeon's own traffic: the stored copies of partitioned
 # streams (``$PGN.<stream>.<p>.<subject>``). Users may not publish there.
 PARTITION_ROOT = "$PGN"
-# Notifications between the members of an ordered group (``$PGNC.<stream>.<group>``).
+# Notifications between the members of an ordered group (``$PGNC.<stream>.<group>``), and
+# to every member of a stream's groups that it was purged (``$PGNC.<stream>``).
 COORDINATION_ROOT = "$PGNC"
 # Reply subjects of stored publishes: recognisable, so core subscribers are not shown a
 # JetStream acknowledgement inbox as a request to answer.
@@ -139,3 +140,7 @@ def coordination_bucket(stream: str, group: str) -> str:
 
 def coordination_subject(stream: str, group: str) -> str:
     return f"{COORDINATION_ROOT}.{stream}.{group}"
+
+
+def purge_subject(stream: str) -> str:
+    return f"{COORDINATION_ROOT}.{stream}"

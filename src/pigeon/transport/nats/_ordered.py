@@ -409,6 +409,9 @@ class OrderedMember(Member):
     async def _accept(self, part: _Part, room: int) -> list[Arrival]:
         """The next messages of the partition in offset order, without holes (but see below)."""
         buffer = self.puller.buffers[part.p]
+        purged = self.puller.purged_below[part.p] - 1  # as an offset
+        if part.expected is not None and part.expected < purged:
+            part.expected = purged  # the offsets in between were purged: no hole to wait for
         unique: list[Arrival] = []
         for arrival in sorted(buffer, key=_offset):
             if part.expected is not None and arrival.offset < part.expected:

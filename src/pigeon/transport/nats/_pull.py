@@ -3,7 +3,8 @@
 One inbox subscription per member; each partition's consumer gets at most one outstanding
 pull request at a time, whose reply subject (``<inbox>.<p>.<n>``) names it, so that a late
 status for an old request is recognised. Messages arrive with their own subjects, so they
-are told apart by the stream named in their ``$JS.ACK`` reply subject.
+are told apart by the stream named in their ``$JS.ACK`` reply subject. A second subscription
+hears that the stream was purged, so that prefetched messages of the purge are dropped.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import nats.errors
@@ -102,6 +103,7 @@ class Puller:
         group: str,
         on_arrival: Callable[[int], Awaitable[None]],
         buffer_limit: int,
+        purge_subject: str,
     ) -> None:
         self._nc = nc
         self._streams = streams
@@ -114,6 +116,11 @@ class Puller:
         self._numbers = 0
         self._inbox = nc.new_inbox()
         self._sub: NatsSub | None = None
+        self._purge_subject = purge_subject
+        self._purge_sub: NatsSub | None = None
+        # Per partition, the first stream sequence the latest purge kept: anything older that
+        # still arrives (or waits in a buffer) was purged.
+        self.purged_below = [0] * len(streams)
         self.deleted = False  # the server said the consumer is gone
         self._stopping = False
         self._unsubscribing: asyncio.Task[None] | None = None
@@ -123,6 +130,7 @@ class Puller:
             self._sub = await self._nc.subscribe(
                 f"{self._inbox}.>", cb=self._arrive, pending_msgs_limit=self._buffer_limit
             )
+            self._purge_sub = await self._nc.subscribe(self._purge_subject, cb=self._on_purge)
         except nats.errors.ConnectionClosedError:
             raise TransportClosedError("the NATS connection is closed") from None
 
@@ -133,6 +141,9 @@ class Puller:
         sub, self._sub = self._sub, None
         if sub is None or self._nc.is_closed:
             return
+        purge_sub, self._purge_sub = self._purge_sub, None
+        if purge_sub is not None:
+            await self._unsubscribe(purge_sub, 0.0)
         self._stopping = True
         open_until = max((r.ends for r in self._requests if r is not None), default=0.0)
         wait = open_until + EXPIRES_MARGIN_S - time.monotonic()
@@ -201,7 +212,8 @@ class Puller:
             p = None if meta is None else self._index.get(meta.stream)
             if meta is None or p is None:
                 return
-            self.buffers[p].append(Arrival(msg, meta))
+            if meta.stream_seq >= self.purged_below[p]:  # else sent just before a purge
+                self.buffers[p].append(Arrival(msg, meta))
             request = self._requests[p]
             if request is not None:
                 request.remaining -= 1
@@ -229,6 +241,25 @@ class Puller:
             if "deleted" in description.lower():
                 self.deleted = True
         await self._on_arrival(p)
+
+    def drop_below(self, first_kept: Sequence[int]) -> None:
+        """The stream was purged: forget what arrived of the messages before ``first_kept``
+        (per partition). JetStream forgot their deliveries, so there is nothing to settle."""
+        for p, (buffer, seq) in enumerate(zip(self.buffers, first_kept, strict=False)):
+            if seq <= self.purged_below[p]:
+                continue
+            self.purged_below[p] = seq
+            kept = [a for a in buffer if a.meta.stream_seq >= seq]
+            buffer.clear()
+            buffer.extend(kept)
+
+    async def _on_purge(self, msg: Msg) -> None:
+        try:
+            first_kept = json.loads(msg.data)
+        except ValueError:
+            return
+        if isinstance(first_kept, list) and all(type(seq) is int for seq in first_kept):
+            self.drop_below(first_kept)
 
     async def settle(self, reply: str, verb: bytes) -> None:
         await self._publish(reply, verb)

@@ -238,6 +238,40 @@ class StreamAdmin:
                     await self.js.delete_stream(f"KV_{coordination_bucket(name, group)}")
         self._forget_routes()
 
+    async def _stream_infos(self) -> list[StreamInfo]:
+        """Every JetStream stream on the server (``STREAM.LIST``, page by page)."""
+        infos: list[StreamInfo] = []
+        while True:
+            answer = await self.js._api_request(
+                "$JS.API.STREAM.LIST",
+                json.dumps({"offset": len(infos)}).encode(),
+                timeout=self.options.request_timeout_s,
+            )
+            page = answer.get("streams") or []
+            infos += (StreamInfo.from_response(data) for data in page)
+            if not page or len(infos) >= answer.get("total", 0):
+                return infos
+
+    async def list_streams(self) -> list[str]:
+        """The streams pigeon created, dead-letter streams included: not the partitions'
+        own streams, the ordered groups' buckets, nor streams of other applications."""
+        self._check_open()
+        with jetstream_errors("list streams"):
+            infos = await self._stream_infos()
+        return sorted(layout.name for layout in map(pigeon_layout, infos) if layout is not None)
+
+    async def _purge_partitions(self, layout: Layout) -> list[int]:
+        """Purge each partition's stream up to its last message; returns, per partition, the
+        first sequence that survives (a publish racing the purge may land on either side)."""
+
+        async def purge(stream: str) -> int:
+            first_kept = (await self.js.stream_info(stream)).state.last_seq + 1
+            await self.js.purge_stream(stream, seq=first_kept)
+            return first_kept
+
+        with jetstream_errors(f"purge stream {layout.name!r}"):
+            return list(await asyncio.gather(*(purge(s) for s in layout.streams)))
+
     async def _group_names(self, stream: str) -> list[str]:
         with jetstream_errors(f"stream {stream!r}"):
             try:
@@ -380,13 +414,23 @@ class StreamAdmin:
 def layout_of(info: StreamInfo) -> Layout:
     config = info.config
     assert config.name is not None
-    description = config.description or ""
-    if description.startswith(STREAM_DESCRIPTION):
-        data = json.loads(description[len(STREAM_DESCRIPTION) :])
-        if "partitions" in data:
-            return Layout.of(config.name, int(data["partitions"]), tuple(data["subjects"]))
     # A stream pigeon did not create (or a partition's own stream): one partition, as is.
-    return Layout.of(config.name, 1, tuple(config.subjects or ()))
+    return pigeon_layout(info) or Layout.of(config.name, 1, tuple(config.subjects or ()))
+
+
+def pigeon_layout(info: StreamInfo) -> Layout | None:
+    """The layout of a stream pigeon's `create_stream` made; None for any other stream."""
+    config = info.config
+    description = config.description or ""
+    if config.name is None or not description.startswith(STREAM_DESCRIPTION):
+        return None
+    try:
+        data = json.loads(description[len(STREAM_DESCRIPTION) :])
+        if "partitions" not in data:
+            return None  # a partition's own stream: reached through its pigeon stream
+        return Layout.of(config.name, int(data["partitions"]), tuple(data["subjects"]))
+    except (ValueError, TypeError, KeyError):
+        return None  # another application's description that merely starts like pigeon's
 
 
 def _check_limits(spec: StreamSpec) -> None:

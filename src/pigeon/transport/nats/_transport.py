@@ -16,7 +16,6 @@ import nats
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import StreamInfo
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from ...engine.config import validate_name
@@ -57,6 +56,7 @@ from ._options import (
     NatsOptions,
     dead_letter_stream_name,
     dead_letter_subject,
+    purge_subject,
 )
 from ._ordered import OrderedMember
 from ._streams import StreamAdmin, layout_of
@@ -416,35 +416,23 @@ class NatsTransport(StreamAdmin, Transport):
         if time.monotonic() >= self._routes_until:
             refresh = self._refreshing
             if refresh is None:
-                refresh = self._refreshing = asyncio.ensure_future(self._list_streams())
+                refresh = self._refreshing = asyncio.ensure_future(self._refresh_routes())
                 refresh.add_done_callback(lambda _: setattr(self, "_refreshing", None))
             await asyncio.shield(refresh)
         found = self._routes.match(subject)
         return found[0] if found else None
 
-    async def _list_streams(self) -> None:
+    async def _refresh_routes(self) -> None:
         started = time.monotonic()
         table: SubjectIndex[Layout] = SubjectIndex()
-        offset = 0
         try:
-            while True:
-                answer = await self.js._api_request(
-                    "$JS.API.STREAM.LIST",
-                    json.dumps({"offset": offset}).encode(),
-                    timeout=self.options.request_timeout_s,
-                )
-                streams = answer.get("streams") or []
-                for data in streams:
-                    info = StreamInfo.from_response(data)
-                    if info.config.name is None or "~" in info.config.name:
-                        continue  # a partition's own stream: reached through its pigeon stream
-                    layout = layout_of(info)
-                    for pattern in layout.subjects:
-                        with contextlib.suppress(InvalidSubjectError):
-                            table.add(pattern, layout)
-                offset += len(streams)
-                if not streams or offset >= answer.get("total", 0):
-                    break
+            for info in await self._stream_infos():
+                layout = layout_of(info)
+                if "~" in layout.name:
+                    continue  # a partition's own stream: reached through its pigeon stream
+                for pattern in layout.subjects:
+                    with contextlib.suppress(InvalidSubjectError):
+                        table.add(pattern, layout)
         except ServiceUnavailableError:
             pass  # no JetStream: core messaging only, every publish returns None
         except nats.errors.ConnectionClosedError:
@@ -508,6 +496,22 @@ class NatsTransport(StreamAdmin, Transport):
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise InvalidMessageError(f"payload must be bytes, not {type(payload).__name__}")
         await self._core(reply_to, bytes(payload), wire_headers(headers, None, None, None))
+
+    # -- purging ----------------------------------------------------------------------------------
+
+    async def purge_stream(self, name: str) -> None:
+        """Purge every partition. JetStream moves the groups past the purged messages and
+        forgets their unacknowledged deliveries; members drop what they had prefetched of
+        them: here at once, in other processes when the notice published here reaches them.
+        Deliveries a member holds can still be settled (JetStream ignores the answer)."""
+        self._check_open()
+        layout = await self._layout(name, fresh=True)
+        first_kept = await self._purge_partitions(layout)
+        for member in self._members:
+            if member.ctx.layout.name == name:
+                member.puller.drop_below(first_kept)
+        with jetstream_errors(f"purge stream {name!r}"):
+            await self.nc.publish(purge_subject(name), json.dumps(first_kept).encode())
 
     # -- groups -----------------------------------------------------------------------------------
 

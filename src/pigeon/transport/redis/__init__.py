@@ -30,6 +30,13 @@ Mapping of pigeon's concepts to Redis
   (`UnsupportedFeatureError`): Redis cannot trim by size.
 - Deleting a stream deletes its partitions, dedup keys, groups, and its groups' dead-letter
   streams.
+- ``list_streams`` names the registry's streams, dead-letter streams included (not those of
+  other prefixes). ``purge_stream`` empties every partition (``XTRIM MAXLEN 0``) in one
+  transaction with its groups' delayed nacks, failure records and ordered pauses: every one
+  of those is about a message that was delivered, hence purged. Groups, their positions, the
+  offset counters and dedup keys stay. Entries a member holds stay pending: settling them
+  works, and an expired lease, a nack's redelivery or a new owner's re-read finds the entry
+  gone and drops it.
 
 Core messaging (emulated on pub/sub)
 ------------------------------------

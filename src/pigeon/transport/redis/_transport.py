@@ -291,6 +291,32 @@ class RedisTransport(Transport):
             last_offsets=tuple(int(next_offset) - 1 for _, next_offset in rows),
         )
 
+    async def list_streams(self) -> list[str]:
+        """The registry's streams: dead-letter streams included, nothing of other prefixes."""
+        self._check_open()
+        return sorted(name.decode() for name in await cmd(self.client, "HKEYS", self.keys.registry))
+
+    async def purge_stream(self, name: str) -> None:
+        """Empty every partition; its groups, their positions and the offset counters stay.
+
+        Entries a member holds stay in its group's pending list, so settling them works; a
+        lease that expires, a nack's redelivery or a new owner's re-read finds the entry gone
+        and drops it. Every delayed nack, failure record and ordered pause refers to a message
+        that was delivered, hence purged, so they go with it."""
+        self._check_open()
+        stream = await self._stream(name)
+        groups = [g.decode() for g in await cmd(self.client, "HKEYS", self.keys.groups(name))]
+        async with self.client.pipeline(transaction=True) as pipe:
+            for p in range(stream.partitions):
+                pipe.execute_command("XTRIM", self.keys.partition(name, p), "MAXLEN", 0)
+            for group in groups:
+                pipe.delete(
+                    self.keys.delayed(name, group),
+                    self.keys.failures(name, group),
+                    *(self.keys.pause(name, group, p) for p in range(stream.partitions)),
+                )
+            await pipe.execute()
+
     @property
     def _trim_mode(self) -> str:
         return "=" if self.options.exact_trim else "~"
