@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+import signal
 import socket
 from collections.abc import Iterator
 
@@ -14,7 +15,7 @@ from starlette.applications import Starlette
 
 from ..errors import InvalidConfigError, TransportClosedError
 
-__all__ = ["HttpServer", "check_exposure"]
+__all__ = ["HttpServer", "check_exposure", "until_stopped"]
 
 
 def check_exposure(what: str, host: str, token: str | None) -> None:
@@ -94,3 +95,16 @@ def _check_bindable(host: str, port: int) -> None:
             except OSError as error:
                 reason = os.strerror(error.errno) if error.errno else str(error)
                 raise InvalidConfigError(f"cannot serve HTTP on {host}:{port}: {reason}") from None
+
+
+async def until_stopped() -> None:
+    """Return at the first SIGTERM or SIGINT (a server's main loop waits here)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

@@ -8,13 +8,11 @@ the token as password (what Confluent clients send with ``basic.auth.user.info``
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import contextlib
 import hmac
 import logging
-import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from ..engine import Engine
 from ..registry import SchemaRegistry
 from ..registry.http import CONTENT_TYPE, create_registry_app
-from .listener import HttpServer, check_exposure
+from .listener import HttpServer, check_exposure, until_stopped
 
 __all__ = ["DEFAULT_REGISTRY_PORT", "RegistryOptions", "registry_app", "run", "running"]
 
@@ -101,15 +99,8 @@ async def running(options: RegistryOptions) -> AsyncIterator[HttpServer]:
 
 
 async def run(options: RegistryOptions) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        async with running(options) as http:
-            log.info("pigeon registry listening on %s, data %s", http.url, options.data)
-            await stop.wait()
-            log.info("pigeon registry stopping")
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+    """Serve until SIGTERM or SIGINT, then stop cleanly."""
+    async with running(options) as http:
+        log.info("pigeon registry listening on %s, data %s", http.url, options.data)
+        await until_stopped()
+        log.info("pigeon registry stopping")

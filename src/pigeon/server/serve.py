@@ -7,11 +7,9 @@ then the engine, which flushes and releases the folder.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
-import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ from ..registry import SchemaRegistry
 from .admin import AdminConfig
 from .http import DEFAULT_HTTP_PORT, create_app
 from .jetstream import JetStream
-from .listener import HttpServer, check_exposure
+from .listener import HttpServer, check_exposure, until_stopped
 from .metrics import Observer
 from .nats import DEFAULT_PORT, NatsServer, ServerOptions
 from .pigeon_api import PigeonApi
@@ -100,25 +98,17 @@ async def running(options: ServeOptions) -> AsyncIterator[Running]:
 
 async def run(options: ServeOptions) -> None:
     """Serve until SIGTERM or SIGINT, then stop cleanly."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        async with running(options) as parts:
-            log.info(
-                "pigeon serve listening: NATS %s, HTTP %s, data %s",
-                parts.nats.url,
-                parts.http.url,
-                options.data,
-            )
-            if parts.registry is not None:
-                log.info("schema registry at %s", parts.registry.url)
-            await stop.wait()
-            log.info("pigeon serve stopping")
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+    async with running(options) as parts:
+        log.info(
+            "pigeon serve listening: NATS %s, HTTP %s, data %s",
+            parts.nats.url,
+            parts.http.url,
+            options.data,
+        )
+        if parts.registry is not None:
+            log.info("schema registry at %s", parts.registry.url)
+        await until_stopped()
+        log.info("pigeon serve stopping")
 
 
 async def _start_demo(stack: contextlib.AsyncExitStack, url: str, data: Path) -> None:
