@@ -62,9 +62,13 @@ def test_python_examples_print_what_the_readme_says(tmp_path: Path) -> None:
             assert sorted(printed) == sorted(expected)
 
 
-@pytest.mark.parametrize("service", ["nats", "redis", "rabbitmq", "postgres"])
-def test_the_quickstart_runs_on_every_service_by_changing_the_url(service: str, tmp_path: Path) -> None:
-    url = require_service(service)
+@pytest.mark.parametrize("service", ["pigeon serve", "nats", "redis", "rabbitmq", "postgres"])
+def test_the_quickstart_runs_on_every_service_by_changing_the_url(
+    service: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    url = (
+        request.getfixturevalue("pigeon_serve_url") if service == "pigeon serve" else require_service(service)
+    )
     code, expected = quickstart()
     # Fresh names, so the run cannot meet another test's (or an earlier run's) stream.
     name = unique_name("readme").replace("-", "_")
