@@ -1044,3 +1044,24 @@ async def test_a_fetch_after_a_nack_pause_ended_yields_to_other_tasks(data_dir: 
         assert ticks >= 10, f"the event loop ran {ticks} times during a 0.5 s fetch"
     finally:
         await engine.close()
+
+
+async def test_members_creating_the_group_at_once_share_one_durable_group(env: Env) -> None:
+    """Two members joining a new group together (as two processes reconnecting do) get the same
+    group: two groups writing one state log would corrupt it, and a restart would then lose
+    commits and deliver acknowledged messages again."""
+    engine = env.engine
+    streams = await asyncio.gather(*(make_stream(engine) for _ in range(2)))
+    assert streams == [None, None] and engine.streams() == [STREAM]
+    await publish(engine, 40)
+    config = OrderedGroupConfig("g")
+    first, second = await asyncio.gather(*(engine.ordered_group(STREAM, config) for _ in range(2)))
+    assert first is second
+    member = await first.join("m")
+    for _ in range(4):
+        batch = await member.fetch(10, 1.0)
+        await member.ack_batch(batch)
+    await member.leave()
+    engine = await env.reopen()
+    (lag,) = engine.group(STREAM, "g").lag()
+    assert lag.committed == 40

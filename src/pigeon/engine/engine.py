@@ -80,6 +80,8 @@ class Engine:
         self._streams: dict[str, Stream] = {}
         self._routes: SubjectIndex[Stream] = SubjectIndex()
         self._route_cache: dict[str, Stream | None] = {}
+        # Creations await file work: two of one name at once must not both create it.
+        self._creating = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pigeon-io")
         self._lock_fd: int | None = None
         self._closed = False
@@ -197,18 +199,19 @@ class Engine:
         self._check_open()
         if not isinstance(config, StreamConfig):
             raise InvalidConfigError(f"create_stream takes a StreamConfig, not {type(config).__name__}")
-        existing = self._streams.get(config.name)
-        if existing is not None:
-            if existing.config != config:
-                raise StreamExistsError(f"stream {config.name!r} exists with a different configuration")
+        async with self._creating:
+            existing = self._streams.get(config.name)
+            if existing is not None:
+                if existing.config != config:
+                    raise StreamExistsError(f"stream {config.name!r} exists with a different configuration")
+                return self.stream_info(config.name)
+            self._check_overlap(config)
+            directory = self.path / "streams" / config.name
+            loop = asyncio.get_running_loop()
+            stream = await loop.run_in_executor(self._executor, self._create_files, config, directory)
+            stream.bind(self._executor)
+            self._add(stream)
             return self.stream_info(config.name)
-        self._check_overlap(config)
-        directory = self.path / "streams" / config.name
-        loop = asyncio.get_running_loop()
-        stream = await loop.run_in_executor(self._executor, self._create_files, config, directory)
-        stream.bind(self._executor)
-        self._add(stream)
-        return self.stream_info(config.name)
 
     def _create_files(self, config: StreamConfig, directory: Path) -> Stream:
         if directory.exists():

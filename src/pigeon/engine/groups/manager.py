@@ -35,6 +35,9 @@ class Groups:
         self._ensure_stream = ensure_stream
         self._publish = publish
         self._groups: dict[tuple[str, str], Group] = {}
+        # Opening a group awaits file work: two creations of one group at once (two members
+        # joining together) must get the same group, never two writers on one state log.
+        self._creating = asyncio.Lock()
 
     def _directory(self, stream: Stream, name: str) -> Path:
         return stream.directory / "groups" / name
@@ -56,18 +59,21 @@ class Groups:
             raise InvalidConfigError(
                 f"a group needs an OrderedGroupConfig or SharedGroupConfig, not {type(config).__name__}"
             )
-        existing = self._groups.get((stream.name, config.name))
-        if existing is not None:
-            if existing.config != config:
-                raise GroupExistsError(
-                    f"group {config.name!r} on stream {stream.name!r} exists with a different configuration"
-                )
-            return existing
-        if config.dead_letter:
-            # Created now, not at the first failure: a name or subject the engine refuses (say,
-            # a stream capturing '>') fails the group's creation instead of stranding a message.
-            await self._ensure_stream(dead_letter_stream(stream.config, config.name))
-        return await self._open(stream, config, new=True)
+        async with self._creating:
+            existing = self._groups.get((stream.name, config.name))
+            if existing is not None:
+                if existing.config != config:
+                    raise GroupExistsError(
+                        f"group {config.name!r} on stream {stream.name!r} exists with a different "
+                        "configuration"
+                    )
+                return existing
+            if config.dead_letter:
+                # Created now, not at the first failure: a name or subject the engine refuses
+                # (say, a stream capturing '>') fails the group's creation instead of
+                # stranding a message.
+                await self._ensure_stream(dead_letter_stream(stream.config, config.name))
+            return await self._open(stream, config, new=True)
 
     async def _open(
         self, stream: Stream, config: OrderedGroupConfig | SharedGroupConfig, *, new: bool
