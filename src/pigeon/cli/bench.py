@@ -1,9 +1,14 @@
-"""``pigeon bench``: publish N messages into a fresh stream while a shared group consumes them.
+"""``pigeon bench``: pigeon side by side with the messaging systems on this machine, or one broker.
 
-Publishes are batched (``publish_batch``) and each batch's acknowledgements awaited before the
-next, so the publish rate counts stored messages. Every payload starts with the time it was
-made, so the consumer measures end-to-end latency: publish, store, deliver. The stream is
-deleted at the end.
+Without ``--url`` it runs the comparison (`pigeon.bench`): the same workloads of 100-byte
+messages on embedded pigeon, ``pigeon serve``, the peers and the floors, each figure the median
+of ``--runs`` runs, with ratios against embedded pigeon and the roadmap's targets.
+
+With ``--url`` it measures that one broker: publish N messages into a fresh stream while a
+shared group consumes them. Publishes are batched (``publish_batch``) and each batch's
+acknowledgements awaited before the next, so the publish rate counts stored messages. Every
+payload starts with the time it was made, so the consumer measures end-to-end latency: publish,
+store, deliver. The stream is deleted at the end.
 """
 
 from __future__ import annotations
@@ -19,9 +24,12 @@ import typer
 from rich.progress import Progress, TaskID
 from rich.table import Table
 
+from ..bench import report, runner, targets
+from ..bench.systems import SYSTEMS
+from ..bench.workloads import WORKLOADS, Sizes
 from ..message import Message, new_id
 from ..transport.base import Consumer, ConsumerSpec, StreamSpec, Transport
-from ._common import DEFAULT_URL, JsonOption, UrlOption, ack_all, opened, run
+from ._common import JsonOption, ack_all, fail, opened, run
 from ._show import console, print_json, progress_bars
 
 __all__ = ["bench"]
@@ -29,22 +37,108 @@ __all__ = ["bench"]
 _STAMP = struct.Struct("<d")
 _FETCH = 500
 _STALL_S = 10.0
+_COMPARE_COUNT = 100_000
+_BROKER_COUNT = 10_000
+_BACKLOG = 10_000_000
+_QUICK = Sizes(count=1_000, runs=1, rate=1_000, backlog=20_000)
 
 
 def bench(
-    count: Annotated[int, typer.Option(min=1, help="Messages to publish and consume.")] = 10_000,
-    size: Annotated[int, typer.Option(min=_STAMP.size, help="Payload bytes per message.")] = 128,
-    batch: Annotated[int, typer.Option(min=1, help="Messages per publish batch.")] = 100,
-    partitions: Annotated[int, typer.Option(min=1, help="Partitions of the benchmark stream.")] = 1,
-    url: UrlOption = DEFAULT_URL,
+    count: Annotated[
+        int | None,
+        typer.Option(min=1, help="Messages per workload (comparison: 100,000; --url: 10,000)."),
+    ] = None,
+    runs: Annotated[
+        int | None, typer.Option(min=1, help="Runs per figure; the median is reported [3].")
+    ] = None,
+    systems: Annotated[
+        str | None,
+        typer.Option(help=f"Comma-separated systems to compare (default: all): {', '.join(SYSTEMS)}."),
+    ] = None,
+    workloads: Annotated[
+        str | None, typer.Option(help=f"Comma-separated workloads (default: all): {', '.join(WORKLOADS)}.")
+    ] = None,
+    backlog: Annotated[
+        int | None, typer.Option(min=1, help="Messages in the backlog_memory workload [10,000,000].")
+    ] = None,
+    rate: Annotated[
+        int | None, typer.Option(min=1, help="Offered load of e2e_latency, msgs/s [2,000].")
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A small smoke run: 1,000 messages, one run, a 20,000 backlog.")
+    ] = False,
+    size: Annotated[
+        int | None, typer.Option(min=_STAMP.size, help="With --url: payload bytes [128].")
+    ] = None,
+    batch: Annotated[
+        int | None, typer.Option(min=1, help="With --url: messages per publish batch [100].")
+    ] = None,
+    partitions: Annotated[
+        int | None, typer.Option(min=1, help="With --url: partitions of the benchmark stream [1].")
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option("--url", help="Measure this one broker instead of comparing systems.")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Measure publish and consume rates and end-to-end latency on a broker."""
-    result = run("bench", _bench(url, count, size, batch, partitions))
+    """Compare pigeon with the messaging systems on this machine, or measure one broker (--url)."""
+    if url is None:
+        for name, given in (("--size", size), ("--batch", batch), ("--partitions", partitions)):
+            if given is not None:
+                fail(
+                    "bench", f"{name} goes with --url (one broker); the comparison sends 100-byte messages", 2
+                )
+        sizes = Sizes(
+            count=count or (_QUICK.count if quick else _COMPARE_COUNT),
+            runs=runs or (_QUICK.runs if quick else 3),
+            rate=rate or (_QUICK.rate if quick else 2_000),
+            backlog=backlog or (_QUICK.backlog if quick else _BACKLOG),
+        )
+        plan = runner.Plan(
+            _chosen("systems", systems, SYSTEMS), _chosen("workloads", workloads, WORKLOADS), sizes
+        )
+        _compare(plan, as_json)
+        return
+    options = {"--systems": systems, "--workloads": workloads, "--backlog": backlog, "--rate": rate}
+    misplaced = [name for name, value in (options | {"--runs": runs}).items() if value is not None]
+    if misplaced or quick:
+        fail(
+            "bench", f"{(misplaced or ['--quick'])[0]} is for the comparison, not with --url (one broker)", 2
+        )
+    result = run("bench", _bench(url, count or _BROKER_COUNT, size or 128, batch or 100, partitions or 1))
     if as_json:
         print_json(result)
     else:
         console().print(_table(result))
+
+
+def _chosen(option: str, given: str | None, known: dict[str, Any]) -> list[str]:
+    if given is None:
+        return list(known)
+    names = [n.strip() for n in given.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        fail(
+            "bench",
+            f"unknown --{option} {', '.join(unknown) or repr(given)}: choose from {', '.join(known)}",
+            2,
+        )
+    return list(dict.fromkeys(names))
+
+
+def _compare(plan: runner.Plan, as_json: bool) -> None:
+    with progress_bars() as progress:
+        task = progress.add_task("starting", total=plan.steps)
+
+        def on_step(label: str, completed: int) -> None:
+            progress.update(task, description=label, advance=completed)
+
+        results = run("bench", runner.compare(plan, on_step))
+    document = report.document(plan, results, targets.check(results))
+    if as_json:
+        print_json(document)
+    else:
+        console().print(report.tables(document, plan.systems))
 
 
 @dataclass
