@@ -53,7 +53,8 @@ class Served:
             if self.process.poll() is not None:
                 raise AssertionError(f"pigeon serve exited {self.process.returncode}: {self.stderr()}")
             time.sleep(0.02)
-        raise AssertionError(f"pigeon serve did not start: {self.stderr()}")
+        self.kill()  # no orphan left serving after the test gave up on it
+        raise AssertionError(f"pigeon serve did not start within {timeout} s: {self.stderr()}")
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")
