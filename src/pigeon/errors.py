@@ -52,6 +52,14 @@ class StreamFullError(PigeonError):
     limit: str = ""
 
 
+class StorageError(PigeonError, OSError):
+    """The engine could not write to its data folder (a full disk, an I/O error).
+
+    The failed write left nothing behind; what was acknowledged before is intact. ``errno``
+    is the system's (ENOSPC for a full disk).
+    """
+
+
 class ConcurrencyConflictError(PigeonError):
     """An optimistic-concurrency expectation on a publish did not hold; nothing was written."""
 

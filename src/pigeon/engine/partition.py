@@ -22,13 +22,13 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
-from ..errors import CorruptLogError
+from ..errors import CorruptLogError, StorageError
 from ..message import Message
 from . import records
 from .config import StartAt, StreamConfig
 from .dedup import DedupWindow
 from .records import MAGIC, BatchHeader
-from .segment import INDEX_INTERVAL, InvalidBatch, Segment
+from .segment import INDEX_INTERVAL, InvalidBatch, Segment, write_whole
 
 log = logging.getLogger("pigeon.engine")
 
@@ -330,10 +330,7 @@ class Partition:
             active = self.segments[-1]
             position = 0
         # Segment.append, inlined (a call less on every settle): write, index, account.
-        wrote = os.write(active.write_fd, batch)  # type: ignore[arg-type]
-        if wrote != size:
-            os.ftruncate(active.write_fd, position)  # type: ignore[arg-type]
-            raise OSError(f"short write to {active.log_path} ({wrote} of {size} bytes)")
+        write_whole(active.write_fd, batch, position, active.log_path)  # type: ignore[arg-type]
         if position - active._last_indexed_position >= INDEX_INTERVAL:
             active._add_index_entry(base_offset, position, timestamp_ns)
         active.size = position + size
@@ -400,7 +397,13 @@ class Partition:
             old.write_fd = None
             self._dirty = [s for s in self._dirty if s is not old]
             version = self._dir_version
-            await self._in_thread(_seal_files, fd, old, self.directory, checkpoint)
+            try:
+                await self._in_thread(_seal_files, fd, old, self.directory, checkpoint)
+            except OSError as error:
+                # The checkpoint only shortens recovery (it scans the log without it); a full
+                # disk must not turn the roll into a failure nobody sees.
+                log.warning("sealing %s: %s", old.log_path, error)
+                return
             self._dir_synced_version = version
 
     async def _close_under_lock(self, fd: int) -> None:
@@ -445,14 +448,21 @@ class Partition:
                 async with self._io_lock:
                     target = self.written
                     segments, self._dirty = self._dirty, []
-                    fds = []
-                    for segment in segments:
-                        segment.flush_index()
-                        if segment.write_fd is not None:
-                            fds.append(segment.write_fd)
-                    version = self._dir_version
-                    sync_dir = version != self._dir_synced_version
-                    await self._in_thread(_fsync_all, fds, self.directory if sync_dir else None)
+                    try:
+                        fds = []
+                        for segment in segments:
+                            segment.flush_index()
+                            if segment.write_fd is not None:
+                                fds.append(segment.write_fd)
+                        version = self._dir_version
+                        sync_dir = version != self._dir_synced_version
+                        await self._in_thread(_fsync_all, fds, self.directory if sync_dir else None)
+                    except OSError as error:
+                        # A full or failing disk: those waiting for durability are told, rather
+                        # than left waiting for ever; the next flush tries these segments again.
+                        self._dirty = [s for s in segments if s not in self._dirty] + self._dirty
+                        self._fail_durable_waiters(error)
+                        return
                     self._dir_synced_version = version
                 self.synced = target
                 waiting, self._durable_waiters = self._durable_waiters, []
@@ -464,6 +474,15 @@ class Partition:
                         self._durable_waiters.append((seq, waiter))
         finally:
             self._flush_task = None
+
+    def _fail_durable_waiters(self, error: OSError) -> None:
+        reason = error.strerror or str(error)
+        failure = StorageError(error.errno, f"cannot make {self.directory} durable: {reason}")
+        log.error("%s", failure)
+        waiting, self._durable_waiters = self._durable_waiters, []
+        for _, waiter in waiting:
+            if not waiter.done():
+                waiter.set_exception(failure)
 
     async def wait_durable(self, seq: int) -> None:
         """Return once the write numbered ``seq`` is fsynced (group commit: one fsync serves all)."""
@@ -677,18 +696,24 @@ def _fsync_dir(directory: Path) -> None:
 
 def write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk: no half-written file left behind
+        raise
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
 
 def _seal_files(fd: int | None, old: Segment, directory: Path, checkpoint: bytes) -> None:
     if fd is not None:
-        os.fsync(fd)
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     try:
         with open(old.index_path, "rb+") as f:
             os.fsync(f.fileno())
@@ -699,10 +724,17 @@ def _seal_files(fd: int | None, old: Segment, directory: Path, checkpoint: bytes
 
 
 def _close_files(partition: Partition, checkpoint: bytes) -> None:
-    for segment in partition.segments:
-        if segment.write_fd is not None:
-            os.fsync(segment.write_fd)
-        segment.flush_index()
-        segment.close()
-    _fsync_dir(partition.directory)
-    write_atomically(partition.directory / STATE_FILE, checkpoint)
+    try:
+        for segment in partition.segments:
+            if segment.write_fd is not None:
+                os.fsync(segment.write_fd)
+            segment.flush_index()
+        _fsync_dir(partition.directory)
+        write_atomically(partition.directory / STATE_FILE, checkpoint)
+    except OSError as error:
+        # A full disk: what was written stays (recovery scans the log without a fresh
+        # checkpoint), and closing must still let go of the files.
+        log.warning("closing %s without a checkpoint: %s", partition.directory, error)
+    finally:
+        for segment in partition.segments:
+            segment.close()

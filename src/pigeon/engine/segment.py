@@ -10,13 +10,15 @@ any the log has and the index lacks.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import errno
 import os
 import struct
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import CorruptLogError
+from ..errors import CorruptLogError, StorageError
 from . import records
 from .records import HEADER_SIZE, BatchHeader
 
@@ -181,11 +183,7 @@ class Segment:
     def append(self, data: bytes, base_offset: int, count: int, timestamp_ns: int) -> None:
         assert self.write_fd is not None
         position = self.size
-        written = os.write(self.write_fd, data)
-        if written != len(data):
-            # A short write means the disk is full or failing: undo it so the log stays whole.
-            os.ftruncate(self.write_fd, position)
-            raise OSError(f"short write to {self.log_path} ({written} of {len(data)} bytes)")
+        write_whole(self.write_fd, data, position, self.log_path)
         if position - self._last_indexed_position >= INDEX_INTERVAL:
             self._add_index_entry(base_offset, position, timestamp_ns)
         self.size = position + len(data)
@@ -196,8 +194,11 @@ class Segment:
     def flush_index(self) -> None:
         """Write pending index entries (cheap; called before fsync and at seal)."""
         if self._unwritten_index:
-            with open(self.index_path, "ab") as f:
-                f.write(self._unwritten_index)
+            fd = os.open(self.index_path, os.O_WRONLY | os.O_APPEND)
+            try:
+                write_whole(fd, bytes(self._unwritten_index), os.fstat(fd).st_size, self.index_path)
+            finally:
+                os.close(fd)
             self._unwritten_index.clear()
 
     def seal_index(self, last_batch_position: int, last_batch_offset: int) -> None:
@@ -289,3 +290,24 @@ class Segment:
             path=str(self.log_path),
             position=exc.position,
         )
+
+
+def write_whole(fd: int, data: bytes, position: int, path: Path) -> None:
+    """Append ``data`` at ``position`` (the file's end) entirely, or leave the file as it was
+    and raise `StorageError`: a full or failing disk must not leave half a batch or half an
+    index entry that a later write would follow."""
+    try:
+        written = os.write(fd, data)
+    except OSError as error:
+        _undo(fd, position)
+        raise StorageError(error.errno, f"cannot write to {path}: {error.strerror}") from None
+    if written != len(data):
+        _undo(fd, position)
+        raise StorageError(
+            errno.ENOSPC, f"cannot write to {path}: short write ({written} of {len(data)} bytes), disk full?"
+        )
+
+
+def _undo(fd: int, position: int) -> None:
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, position)
