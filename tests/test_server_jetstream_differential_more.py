@@ -575,6 +575,26 @@ async def pull_statuses(server_url: str, stream: str) -> dict[str, Any]:
                 headers.get("Nats-Pending-Bytes"),
                 time.monotonic() - started > 0.25,
             )
+        # no_wait with expires (what nats-py's fetch sends): the messages there, then 404 at
+        # once; on an empty stream it waits for the first message, then ends the same way.
+        for label, count in (("no_wait expires, 2 there", 2), ("no_wait expires, 1 comes later", 0)):
+            for i in range(count):
+                await js.publish(stream, b"%d" % i)
+            started = time.monotonic()
+            body = {"batch": 10, "expires": 2_000_000_000, "no_wait": True}
+            await nc.publish(subject, json.dumps(body).encode(), reply=inbox)
+            if not count:
+                await asyncio.sleep(0.3)
+                await js.publish(stream, b"late")
+            got: list[Any] = []
+            while True:
+                reply = await replies.next_msg(T)
+                status = (reply.headers or {}).get("Status")
+                got.append(status or reply.data)
+                if status:
+                    break
+                await reply.ack()
+            out[label] = (got, time.monotonic() - started < 1.5)
         sub = await js.pull_subscribe_bind("c", stream=stream)
         try:
             await sub.fetch(1, timeout=0.3)
@@ -589,6 +609,8 @@ async def test_pull_status_replies(reference: str, url: str) -> None:
     out = await both(reference, url, pull_statuses)
     assert out["no_wait on empty"][1:3] == ("404", "No Messages")
     assert out["expires on empty"][1:4] == ("408", "Request Timeout", "3")
+    assert out["no_wait expires, 2 there"] == ([b"0", b"1", "404"], True)
+    assert out["no_wait expires, 1 comes later"] == ([b"late", "404"], True)
 
 
 # -- expectations and the duplicate window --------------------------------------------------------

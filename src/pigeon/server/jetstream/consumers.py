@@ -232,8 +232,10 @@ class PullConsumer:
     async def pull(self, reply: str, batch: int, expires: float | None, no_wait: bool) -> None:
         """Serve one pull request: up to ``batch`` messages, then 404 or 408 when short of it.
 
-        With ``expires`` nats-server waits for messages even when ``no_wait`` is set; without
-        either the request waits until it has its batch.
+        With ``expires`` and ``no_wait`` nats-server waits for the first message only: it sends
+        what is there then (up to the batch) and ends with 404 (nats-py's fetch asks so, and
+        returns at once). With ``expires`` alone it waits for the whole batch until it expires;
+        with neither, until it has its batch.
         """
         deadline = None if expires is None else time.monotonic() + expires
         waits = expires is not None or not no_wait
@@ -253,6 +255,8 @@ class PullConsumer:
                 wanted = await self._skip_filtered(deliveries)
                 self._send(reply, wanted)
                 left -= len(wanted)
+                if wanted and no_wait:
+                    waits = False  # the first messages came: the rest only if they are there now
                 if left and wanted:
                     # Let this chunk go out before making the next: the client parses it
                     # while the server prepares the rest.
