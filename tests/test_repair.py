@@ -254,3 +254,17 @@ def test_user_errors_print_one_line(tmp_path: Path, make: str) -> None:
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert str(target) in result.stderr
+
+
+async def test_an_older_segment_cut_short_is_detected_not_read_as_a_gap(tmp_path: Path) -> None:
+    await build(tmp_path)
+    older = segment_files(tmp_path)[1]  # sealed: below the active segment
+    (last_position, _) = batches_of(older)[-1]
+    with open(older, "r+b") as f:
+        f.truncate(last_position + 10)  # the last batch cut in the middle
+    with pytest.raises(CorruptLogError, match="is damaged"):
+        await Engine.open(tmp_path)
+    assert run_repair(tmp_path).returncode == 0
+    async with await Engine.open(tmp_path) as engine:  # repaired: what was whole is read back
+        offsets = [m.offset async for m in engine.read(STREAM, 0)]
+        assert offsets and offsets == sorted(offsets)

@@ -103,7 +103,49 @@ class Segment:
         segment.next_offset = next_offset
         segment.size = segment.log_path.stat().st_size
         segment.first_timestamp_ns, segment.last_timestamp_ns = segment._read_index_time_bounds()
+        segment._check_sealed_end()
         return segment
+
+    def _check_sealed_end(self) -> None:
+        """A sealed segment ends exactly with the batch its index names last (sealing indexes
+        it): a file cut short, or grown, is damage that reads would otherwise pass over as a
+        gap. One header read per segment."""
+        last = self._last_index_entry()
+        if last is None:
+            return  # an empty segment, or an index lost: recovery and repair rebuild those
+        rel, position, _ = last
+        problem = None
+        with open(self.log_path, "rb") as f:
+            f.seek(position)
+            head = f.read(HEADER_SIZE)
+        try:
+            header = BatchHeader(head, 0) if len(head) == HEADER_SIZE else None
+        except ValueError as exc:
+            problem = f"its last batch at byte {position} is damaged ({exc})"
+        else:
+            if header is None or position + header.length != self.size:
+                problem = f"it is {self.size} bytes but its last batch (at byte {position}) says otherwise"
+            elif header.base_offset != self.base_offset + rel:
+                problem = f"its last batch holds offset {header.base_offset}, not the indexed one"
+        if problem is not None:
+            raise CorruptLogError(
+                f"{self.log_path} is damaged: {problem}; run `python -m pigeon.engine.repair`",
+                path=str(self.log_path),
+                position=position,
+            )
+
+    def _last_index_entry(self) -> tuple[int, int, int] | None:
+        try:
+            with open(self.index_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                length = f.tell() - f.tell() % INDEX_ENTRY.size
+                if length == 0:
+                    return None
+                f.seek(length - INDEX_ENTRY.size)
+                rel, position, ts = INDEX_ENTRY.unpack(f.read(INDEX_ENTRY.size))
+                return int(rel), int(position), int(ts)
+        except FileNotFoundError:
+            return None
 
     def _read_index_time_bounds(self) -> tuple[int, int]:
         """Timestamps of the first and last index entries: the segment's oldest and newest."""
@@ -194,7 +236,7 @@ class Segment:
     def flush_index(self) -> None:
         """Write pending index entries (cheap; called before fsync and at seal)."""
         if self._unwritten_index:
-            fd = os.open(self.index_path, os.O_WRONLY | os.O_APPEND)
+            fd = os.open(self.index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 write_whole(fd, bytes(self._unwritten_index), os.fstat(fd).st_size, self.index_path)
             finally:
