@@ -151,6 +151,9 @@ async def test_dead_letters_list_show_redrive_purge(http: httpx.AsyncClient, tra
         ("POST", "/api/streams/missing/groups/g/dead-letters/redrive", b"{}"),
         ("POST", "/api/streams/missing/purge", None),
         ("DELETE", "/api/streams/missing", None),
+        ("GET", "/api/streams/missing/messages/0/-1.2e-105", None),  # no route takes it
+        ("GET", "/api/no/such/thing", None),
+        ("PATCH", "/api/streams", b"{}"),
     ],
 )
 async def test_bad_requests_are_4xx_with_a_json_error(
@@ -159,6 +162,18 @@ async def test_bad_requests_are_4xx_with_a_json_error(
     reply = await http.request(method, path, content=body)
     status, _ = error_of(reply)
     assert 400 <= status < 500, reply.text
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("PATCH", "/registry/subjects", 405), ("GET", "/registry/subjects/a%0Ab/versions", 404)],
+)
+async def test_the_mounted_registry_answers_in_its_own_error_shape(
+    http: httpx.AsyncClient, method: str, path: str, status: int
+) -> None:
+    reply = await http.request(method, path, content=b"{}" if method == "PATCH" else None)
+    assert reply.status_code == status
+    assert reply.json()["error_code"] == status and reply.json()["message"]
 
 
 async def test_the_openapi_document_lists_every_route(http: httpx.AsyncClient, served: Running) -> None:

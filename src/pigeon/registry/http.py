@@ -27,7 +27,7 @@ from .versions import MAX_VERSION, parse_version
 __all__ = ["CONTENT_TYPE", "create_registry_app"]
 
 CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
-_METHODS = ["GET", "POST", "PUT", "DELETE"]
+_METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]  # the others answered 405 as JSON
 # Fields of a schema request pigeon stores or can safely ignore when empty.
 _SCHEMA_FIELDS = {"schema", "schemaType", "references", "id", "version", "metadata", "ruleSet"}
 
