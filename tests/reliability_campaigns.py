@@ -11,6 +11,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from reliability_lib import crash, disk, fuzz
+from reliability_lib import crash, disk, fuzz, soak
 
-__all__ = ["crash", "disk", "fuzz"]
+__all__ = ["crash", "disk", "fuzz", "soak"]

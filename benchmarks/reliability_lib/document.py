@@ -28,6 +28,14 @@ campaign again. The quick forms of the same campaigns run in `tests/test_reliabi
 - **fuzz**: the NATS port (garbage, mutated frames, `$JS.API` and `$PIGEON.API` requests with
   generated bodies), the admin API (schemathesis from `/api/openapi.json`), the schema registry
   (hypothesis) and damaged segment, index and checkpoint files.
+- **soak**: `pigeon serve` under one publisher at half the maximum publish-and-ack rate measured
+  first (each payload stamped with its due time), a fast shared group acknowledging everything
+  and a slow ordered group on the same stream handling a tenth of that rate. Sampled every few
+  seconds (after a warm-up of the first 10% of the run): the server's RSS may not end more than
+  10% above its value after warm-up, the fast group's p99 latency (delivery minus due time) over
+  the last tenth of the run may not exceed 3 times that of the first tenth (or 100 ms), the fast
+  group must keep up while the slow group's lag grows, and every published message must have
+  been acknowledged by the fast group once the publisher stopped.
 """
 
 
