@@ -368,3 +368,24 @@ async def test_a_waiting_fetch_is_answered_at_once_when_its_member_leaves_or_its
     with pytest.raises(MemberNotFoundError):
         await waiting
     assert asyncio.get_running_loop().time() - started < 3  # not after the 30 s long poll
+
+
+async def test_a_member_token_from_before_a_restart_names_no_member_after_it(tmp_path: Path) -> None:
+    """After a restart, tokens must not repeat: a client still holding an old one would fetch
+    and ack another member's messages (another group's, even) instead of joining again."""
+    data = tmp_path / "data"
+    tokens = []
+    for life in range(2):
+        async with running(ServeOptions(data=data, port=0, http_port=0)) as parts:
+            client = await nats.connect(parts.nats.url)
+            try:
+                if life == 0:
+                    name, _ = await make_stream(client)
+                for kind in ("ordered", "shared"):
+                    body = {"stream": name, "spec": {"group": f"g-{kind}", "kind": kind}}
+                    tokens.append((await call(client, "GROUP.JOIN", body))["member"])
+                with pytest.raises(MemberNotFoundError):
+                    await call(client, "GROUP.FETCH", {"member": tokens[0] if life else "none", "batch": 1})
+            finally:
+                await client.close()
+    assert len(set(tokens)) == 4

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,10 @@ class Members:
         self.jetstream = jetstream
         self._members: dict[str, _Remote] = {}
         self._tokens = 0
+        # Tokens name this server's life too: after a restart a client still holding an old
+        # token must be told its member is gone, never be handed another member that happens
+        # to have the same number (it would fetch and ack that member's messages).
+        self._life = secrets.token_hex(4)
         self._closing: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
@@ -111,7 +116,7 @@ class Members:
         else:
             raise InvalidConfigError(f"group kind must be 'ordered' or 'shared', not {spec.get('kind')!r}")
         self._tokens += 1
-        token = f"m{self._tokens}"
+        token = f"m{self._tokens}.{self._life}"
         self._members[token] = _Remote(stream, spec["group"], member, delivery.origin)
         return {"member": token}
 
