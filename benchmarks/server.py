@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from _common import percentile
@@ -155,6 +156,14 @@ async def reqrep(url: str, count: int) -> list[float]:
 
         await responder.subscribe("bench.rr", cb=answer)
         await responder.flush(WAIT_S)
+        # A loaded nats-server can still answer "no responders" just after the flush: wait
+        # until the subscription is seen before timing anything.
+        for _ in range(100):
+            try:
+                await requester.request("bench.rr", PAYLOAD, timeout=WAIT_S)
+                break
+            except nats.errors.NoRespondersError:
+                await asyncio.sleep(0.05)
         latencies = []
         for _ in range(count):
             start = time.perf_counter()
