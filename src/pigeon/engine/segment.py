@@ -98,21 +98,22 @@ class Segment:
 
     @classmethod
     def open_sealed(cls, directory: Path, base_offset: int, next_offset: int) -> Segment:
-        """A segment below the active one: trusted as sealed, nothing read but the index's last entry."""
+        """A segment below the active one: trusted as sealed, nothing read but the index's ends
+        and the header of the last batch."""
         segment = cls(directory, base_offset)
         segment.next_offset = next_offset
         segment.size = segment.log_path.stat().st_size
-        segment.first_timestamp_ns, segment.last_timestamp_ns = segment._read_index_time_bounds()
-        segment._check_sealed_end()
+        ends = segment._index_ends()
+        if ends is not None:
+            first, last = ends
+            segment.first_timestamp_ns, segment.last_timestamp_ns = first[2], last[2]
+            segment._check_sealed_end(last)
         return segment
 
-    def _check_sealed_end(self) -> None:
+    def _check_sealed_end(self, last: tuple[int, int, int]) -> None:
         """A sealed segment ends exactly with the batch its index names last (sealing indexes
         it): a file cut short, or grown, is damage that reads would otherwise pass over as a
         gap. One header read per segment."""
-        last = self._last_index_entry()
-        if last is None:
-            return  # an empty segment, or an index lost: recovery and repair rebuild those
         rel, position, _ = last
         problem = None
         with open(self.log_path, "rb") as f:
@@ -134,33 +135,22 @@ class Segment:
                 position=position,
             )
 
-    def _last_index_entry(self) -> tuple[int, int, int] | None:
+    def _index_ends(self) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
+        """The first and last index entries (relative offset, position, timestamp); None for an
+        empty or missing index (an empty segment, or one recovery and repair rebuild)."""
         try:
             with open(self.index_path, "rb") as f:
                 f.seek(0, os.SEEK_END)
                 length = f.tell() - f.tell() % INDEX_ENTRY.size
                 if length == 0:
                     return None
+                f.seek(0)
+                first = INDEX_ENTRY.unpack(f.read(INDEX_ENTRY.size))
                 f.seek(length - INDEX_ENTRY.size)
-                rel, position, ts = INDEX_ENTRY.unpack(f.read(INDEX_ENTRY.size))
-                return int(rel), int(position), int(ts)
+                last = INDEX_ENTRY.unpack(f.read(INDEX_ENTRY.size))
         except FileNotFoundError:
             return None
-
-    def _read_index_time_bounds(self) -> tuple[int, int]:
-        """Timestamps of the first and last index entries: the segment's oldest and newest."""
-        try:
-            with open(self.index_path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                length = f.tell() - f.tell() % INDEX_ENTRY.size
-                if length == 0:
-                    return 0, 0
-                f.seek(0)
-                first = INDEX_ENTRY.unpack(f.read(INDEX_ENTRY.size))[2]
-                f.seek(length - INDEX_ENTRY.size)
-                return int(first), int(INDEX_ENTRY.unpack(f.read(INDEX_ENTRY.size))[2])
-        except FileNotFoundError:
-            return 0, 0
+        return (int(first[0]), int(first[1]), int(first[2])), (int(last[0]), int(last[1]), int(last[2]))
 
     def load_index(self, valid_below: int | None = None) -> None:
         """Read the index file, keeping entries for positions below ``valid_below`` (default: all)."""
