@@ -743,6 +743,28 @@ async def test_crash_before_ack_redelivered_after_reopen(env: Env) -> None:
     assert (await engine.shared_group(STREAM, config)) is group, "same config reopens the same group"
 
 
+async def test_unacked_messages_filling_max_ack_pending_come_back_after_reopen(env: Env) -> None:
+    """A member took max_ack_pending messages and died: after the restart they are delivered
+    again (the limit they fill must not hold back their own redelivery), then the rest."""
+    engine = env.engine
+    await make_stream(engine)
+    await publish(engine, 10)
+    group = await engine.shared_group(STREAM, fast(ack_wait_s=30, max_ack_pending=4))
+    first = await fetch_n(group.member(), 4)
+    assert payloads(first) == [0, 1, 2, 3]
+    engine = await env.reopen()
+    member = engine.group(STREAM, "workers").member()
+    again = await fetch_n(member, 4, timeout=2)
+    assert payloads(again) == [0, 1, 2, 3]
+    assert all(d.delivery_count == 2 for d in again)
+    assert await member.fetch(10, 0.2) == [], "still at max_ack_pending"
+    for d in again:
+        await d.ack()
+    rest = await fetch_n(member, 4, timeout=2)
+    assert payloads(rest) == [4, 5, 6, 7]
+    assert all(d.delivery_count == 1 for d in rest)
+
+
 async def test_delivery_counts_nacks_and_terms_survive_reopen(env: Env) -> None:
     engine = env.engine
     await make_stream(engine)

@@ -143,8 +143,17 @@ class SharedGroup(GroupBase):
                 st.finish(offset)
             elif kind == NACK and value:
                 st.not_before[offset] = value
-        for st in self._parts:
-            st.cursor = st.floor  # rescan: unfinished messages are found again in offset order
+        # What was delivered before the restart comes back through the ready queue: its
+        # messages are unfinished already, so max_ack_pending (which they may fill) must not
+        # hold them back, as it holds back a scan. The rescan from the floor finds the rest
+        # (messages parked behind a key) and steps over what the ready queue leased.
+        now, wall = time.monotonic(), time.time_ns()
+        for p, st in enumerate(self._parts):
+            st.cursor = st.floor
+            for offset in st.counts:
+                delay_ns = st.not_before.get(offset, wall) - wall
+                self._ready.append((now + max(0, delay_ns) / 1e9, p, offset))
+        heapq.heapify(self._ready)
         self._recount()
 
     def _snapshot_state(self) -> dict[str, Any]:
@@ -302,6 +311,8 @@ class SharedGroup(GroupBase):
         partition = self.stream.partitions[p]
         limit = self.config.max_ack_pending
         key_ordered = self.config.key_ordered
+        if st.cursor < st.floor:  # what a restart left to rescan was finished through the ready queue
+            st.cursor = st.floor
         while len(out) < room and self._unfinished < limit and st.cursor < partition.next_offset:
             if key_ordered and self._parked_count >= limit:
                 return
@@ -380,7 +391,7 @@ class SharedGroup(GroupBase):
                     stopped = True
                     break
                 cursor = offset + 1
-                if done and offset in done:
+                if (done and offset in done) or offset in leased:
                     continue
                 count = counts.get(offset) if counts else None
                 if count is None:
@@ -451,7 +462,7 @@ class SharedGroup(GroupBase):
                     break
                 offset: int = message.offset  # type: ignore[assignment]
                 cursor = offset + 1
-                if done and offset in done:
+                if (done and offset in done) or offset in leased:
                     continue
                 if key_ordered and message.key is not None:
                     key = message.key
