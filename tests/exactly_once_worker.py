@@ -5,7 +5,8 @@
 A ledger handler (idempotent, SQL store) records each payment in the database and adds a
 receipt to the outbox in the same transaction; a relay publishes the receipts. With
 probability CRASH_PROBABILITY the process SIGKILLs itself right after a commit, before the
-ack. It exits 0 once EXPECTED payments are recorded and every receipt is published.
+ack. It prints COMMITTED after each commit, and exits 0 once EXPECTED payments are
+recorded and every receipt is published.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from pigeon.app import App, Context
+from pigeon.app import App, Context, Flow, RetryPolicy
 from pigeon.app.middleware import Idempotent
 from pigeon.patterns.idempotency import SqlIdempotencyStore
 from pigeon.patterns.outbox import Outbox, OutboxRelay
@@ -36,11 +37,22 @@ async def main(folder: str, db_url: str, expected: int, crash_probability: float
 
     async def crash_after_commit(ctx: Context, call_next: Any) -> Any:
         result = await call_next(ctx)  # the Idempotent layer inside has committed
+        print("COMMITTED", flush=True)  # lets the test time its kills by progress
         if rng.random() < crash_probability:
             os.kill(os.getpid(), signal.SIGKILL)
         return result
 
-    @app.subscriber(stream="payments", group="ledger", middleware=[crash_after_commit, Idempotent(store)])
+    # A short lease, so that what a killed run had in flight comes back in a second; few in
+    # flight and many attempts, since every kill counts a delivery of each message in flight
+    # (as JetStream does) and the test kills a dozen times.
+    @app.subscriber(
+        stream="payments",
+        group="ledger",
+        ack_wait_s=1.0,
+        flow=Flow(max_in_flight=10, fetch_batch=10),
+        retry=RetryPolicy(max_attempts=100),
+        middleware=[crash_after_commit, Idempotent(store)],
+    )
     async def record(payment: dict[str, int], ctx: Context) -> None:
         await ctx.session.execute(
             text("INSERT INTO ledger (payment, amount) VALUES (:p, :a)"),
