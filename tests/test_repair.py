@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pigeon.engine import Engine, StreamConfig
+from pigeon.engine import Engine, StartAt, StreamConfig
 from pigeon.engine.records import HEADER_SIZE, BatchHeader
 from pigeon.errors import CorruptLogError
 from pigeon.message import Message
@@ -268,3 +268,68 @@ async def test_an_older_segment_cut_short_is_detected_not_read_as_a_gap(tmp_path
     async with await Engine.open(tmp_path) as engine:  # repaired: what was whole is read back
         offsets = [m.offset async for m in engine.read(STREAM, 0)]
         assert offsets and offsets == sorted(offsets)
+
+
+def _index_of(path: Path, segment: int) -> Path:
+    return segment_files(path)[segment].with_suffix(".index")
+
+
+def _flip(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _cut_last_entry(path: Path) -> None:
+    index = _index_of(path, 1)
+    index.write_bytes(index.read_bytes()[:-16])
+
+
+def _append_junk(path: Path) -> None:
+    index = _index_of(path, 0)
+    index.write_bytes(index.read_bytes() + b"\x01\x02\x03")
+
+
+def _cut_checkpoint(path: Path) -> None:
+    (partition_dir(path) / "state.json").write_bytes(b'{"next_offset": 1')
+
+
+def _shift_checkpoint(path: Path) -> None:
+    state = partition_dir(path) / "state.json"
+    data = json.loads(state.read_text())
+    data["position"] += 7  # inside a batch
+    state.write_text(json.dumps(data))
+
+
+# Damage to what is derived from intact logs: the indexes and the partition checkpoint.
+DERIVED = [
+    pytest.param(lambda p: _flip(_index_of(p, 1), 5), id="sealed-index-position"),
+    pytest.param(lambda p: _flip(_index_of(p, 1), 2), id="sealed-index-offset"),
+    pytest.param(lambda p: _flip(_index_of(p, 0), 12), id="sealed-index-timestamp"),
+    pytest.param(_cut_last_entry, id="sealed-index-short"),
+    pytest.param(_append_junk, id="index-junk-appended"),
+    pytest.param(_cut_checkpoint, id="checkpoint-cut"),
+    pytest.param(_shift_checkpoint, id="checkpoint-between-batches"),
+]
+
+
+@pytest.mark.parametrize("spoil", DERIVED)
+async def test_damaged_indexes_and_checkpoints_are_rebuilt_from_the_logs(tmp_path: Path, spoil) -> None:
+    await build(tmp_path)
+    expected = await read_all(tmp_path)
+    logs = {p.name: p.read_bytes() for p in segment_files(tmp_path)}
+    spoil(tmp_path)
+    result = run_repair(tmp_path, "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["damaged"] == 0 and summary["rebuilt"] == 1, summary
+    assert summary["partitions"][0]["stale"], "the reason is reported"
+    assert {p.name: p.read_bytes() for p in segment_files(tmp_path)} == logs, "the logs are untouched"
+    assert await read_all(tmp_path) == expected
+    async with await Engine.open(tmp_path) as engine:  # the rebuilt indexes find offsets and times
+        from_60 = [m async for m in engine.read(STREAM, 0, StartAt.offset(60))]
+        assert from_60[0].offset == 60
+        by_time = [m async for m in engine.read(STREAM, 0, StartAt.time(from_60[0].timestamp))]
+        assert by_time[0].offset <= 60 and by_time[-1].offset == expected[-1][0]
+    again = run_repair(tmp_path)
+    assert "all intact, nothing to do" in again.stdout, again.stdout

@@ -15,7 +15,12 @@ with a `CorruptLogError` that names this command. The repair:
   ``.index`` and the partition's ``state.json``: the next open rescans the partition from
   its first segment and rebuilds every index, the per-subject state and the dedup ids;
 * when the newest offsets were lost, leaves an empty segment named after the partition's
-  last known end, so new messages never reuse an offset a consumer may already have seen.
+  last known end, so new messages never reuse an offset a consumer may already have seen;
+* when every log is intact but what is derived from them is not (an index entry that names
+  no batch, a sealed segment's index that does not end at its last batch, a ``state.json``
+  that does not parse or points between batches), keeps that ``state.json`` as
+  ``state.json.corrupt-<UTC time>`` (or deletes a sound one): the next open rescans the
+  partition and writes every index and the checkpoint afresh from the logs.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from pathlib import Path
 from ..errors import DataDirLockedError, PigeonError, StreamNotFoundError
 from .partition import STATE_FILE
 from .records import HEADER_SIZE, MAGIC, BatchHeader, crc_ok
-from .segment import InvalidBatch, Segment, segment_name
+from .segment import INDEX_ENTRY, InvalidBatch, Segment, segment_name
 
 PROG = "python -m pigeon.engine.repair"
 _PARTITION_DIR = re.compile(r"p\d+")
@@ -66,6 +71,9 @@ class PartitionReport:
     segments: int
     damaged: list[SegmentReport] = field(default_factory=list)
     placeholder: str | None = None  # empty segment keeping new offsets above the lost ones
+    # Logs intact, derived files not: why the indexes and the checkpoint are rebuilt.
+    stale: list[str] = field(default_factory=list)
+    checkpoint_backup: str | None = None
 
 
 @dataclass
@@ -78,6 +86,11 @@ class RepairReport:
     def damaged(self) -> int:
         return sum(len(p.damaged) for p in self.partitions)
 
+    @property
+    def rebuilt(self) -> int:
+        """Partitions whose logs were intact but whose indexes or checkpoint were not."""
+        return sum(bool(p.stale) for p in self.partitions)
+
 
 @dataclass(frozen=True, slots=True)
 class _Batch:
@@ -85,6 +98,7 @@ class _Batch:
     length: int
     base: int
     next: int
+    timestamp_ns: int
 
 
 def repair(data_dir: str | os.PathLike[str], *, stream: str | None = None,
@@ -148,6 +162,7 @@ def _repair_partition(root: Path, directory: Path, stamp: str, dry_run: bool) ->
     floor = max([_checkpoint_next_offset(directory), *bases], default=0)
     report = PartitionReport(str(directory.relative_to(root)), len(bases))
     plans: list[tuple[int, list[list[_Batch]]]] = []
+    intact: dict[int, list[_Batch]] = {}
     end = 0
     for i, base in enumerate(bases):
         upper = bases[i + 1] if i + 1 < len(bases) else None
@@ -164,6 +179,7 @@ def _repair_partition(root: Path, directory: Path, stamp: str, dry_run: bool) ->
             end = base
         kept_bytes = sum(b.length for b in kept)
         if kept_bytes == size and len(runs) <= 1 and (not runs or runs[0][0].base == base):
+            intact[base] = kept
             continue
         tail_dropped = (kept[-1].position + kept[-1].length if kept else 0) < size
         report.damaged.append(SegmentReport(
@@ -175,6 +191,9 @@ def _repair_partition(root: Path, directory: Path, stamp: str, dry_run: bool) ->
         ))
         plans.append((base, runs))
     if not report.damaged:
+        report.stale = _stale_derived_files(root, directory, bases, intact)
+        if report.stale and not dry_run:
+            report.checkpoint_backup = _drop_checkpoint(root, directory, stamp)
         return report
     if end < floor:
         report.placeholder = str((directory / (segment_name(floor) + ".log")).relative_to(root))
@@ -201,6 +220,85 @@ def _checkpoint_next_offset(directory: Path) -> int:
     return value if isinstance(value, int) else 0
 
 
+def _stale_derived_files(root: Path, directory: Path, bases: list[int],
+                         intact: dict[int, list[_Batch]]) -> list[str]:
+    """Why the indexes or the checkpoint of a partition whose logs are all intact cannot be
+    trusted (empty when they can). An index entry is exactly what `Segment.note_batch` wrote
+    for some batch; sealing indexes a segment's last batch; a checkpoint points at a batch
+    boundary and holds that boundary's next offset."""
+    problems = []
+    for i, base in enumerate(bases):
+        index = directory / (segment_name(base) + ".index")
+        problem = _index_problem(index, base, intact[base], sealed=i + 1 < len(bases))
+        if problem is not None:
+            problems.append(f"{index.relative_to(root)}: {problem}")
+    problem = _checkpoint_problem(directory / STATE_FILE, bases, intact)
+    if problem is not None:
+        problems.append(f"{(directory / STATE_FILE).relative_to(root)}: {problem}")
+    return problems
+
+
+def _index_problem(path: Path, base: int, batches: list[_Batch], *, sealed: bool) -> str | None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None  # an index the next open writes anyway
+    if len(data) % INDEX_ENTRY.size:
+        return f"{len(data)} bytes is not a whole number of entries"
+    written = {(b.base - base, b.position, b.timestamp_ns) for b in batches}
+    previous = -1
+    for n, entry in enumerate(INDEX_ENTRY.iter_unpack(data)):
+        if entry not in written:
+            return f"entry {n} names no batch of the log"
+        if entry[1] <= previous:
+            return f"entry {n} goes back"
+        previous = entry[1]
+    if sealed and batches and data and previous != batches[-1].position:
+        return "it does not end with the sealed segment's last batch"
+    return None
+
+
+def _checkpoint_problem(path: Path, bases: list[int], intact: dict[int, list[_Batch]]) -> str | None:
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        return f"unreadable ({exc})"
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    missing = [k for k in ("segment", "position", "next_offset", "last_timestamp_ns", "subjects", "ids")
+               if k not in data]
+    if missing:
+        return f"incomplete (no {', '.join(missing)})"
+    segment, position, next_offset = data["segment"], data["position"], data["next_offset"]
+    if not all(isinstance(v, int) for v in (segment, position, next_offset)):
+        return "segment, position and next_offset must be integers"
+    if segment not in intact:
+        # Retention may have removed the checkpoint's segment (then all that is left is newer).
+        return None if not bases or segment < bases[0] else f"segment {segment} is not in the folder"
+    boundaries = {0: segment} | {b.position + b.length: b.next for b in intact[segment]}
+    if boundaries.get(position) != next_offset:
+        return f"position {position} and next offset {next_offset} are not a batch boundary of the log"
+    return None
+
+
+def _drop_checkpoint(root: Path, directory: Path, stamp: str) -> str | None:
+    """Remove the partition's checkpoint (kept aside when it exists), so that the next open
+    rescans every segment."""
+    checkpoint = directory / STATE_FILE
+    if not checkpoint.exists():
+        return None
+    backup = directory / f"{STATE_FILE}.corrupt-{stamp}"
+    n = 0
+    while backup.exists():  # never overwrite an earlier backup
+        n += 1
+        backup = directory / f"{STATE_FILE}.corrupt-{stamp}-{n}"
+    os.replace(checkpoint, backup)
+    _fsync_dir(directory)
+    return str(backup.relative_to(root))
+
+
 def _salvage(segment: Segment, size: int, upper: int | None) -> list[_Batch]:
     """Every intact batch the engine can place, in file order."""
     kept: list[_Batch] = []
@@ -211,7 +309,9 @@ def _salvage(segment: Segment, size: int, upper: int | None) -> list[_Batch]:
             for _buf, _pos, header in segment.batches(position, size):
                 if not _fits(header, expected, upper):
                     raise InvalidBatch(position, "offsets out of order")
-                kept.append(_Batch(position, header.length, header.base_offset, header.next_offset))
+                kept.append(_Batch(
+                    position, header.length, header.base_offset, header.next_offset, header.timestamp_ns
+                ))
                 expected = header.next_offset
                 position += header.length
         except InvalidBatch as exc:
@@ -337,17 +437,21 @@ def describe(report: RepairReport) -> str:
         if partition.placeholder is not None:
             lines.append(f"  {'would create' if dry else 'created'} empty segment "
                          f"{Path(partition.placeholder).name} so new offsets follow the lost ones")
-        if partition.damaged:
+        for problem in partition.stale:
+            lines.append(f"{problem}")
+        if partition.damaged or partition.stale:
             lines.append(f"{partition.path}: {'would remove' if dry else 'removed'} {STATE_FILE}; "
                          "the next open rescans the partition and rebuilds its indexes")
     segments = sum(p.segments for p in report.partitions)
     where = f"{_count(segments, 'segment')} in {_count(len(report.partitions), 'partition')}"
-    if not report.damaged:
+    rebuilt = f"; {_count(report.rebuilt, 'partition')} to rescan for damaged indexes or checkpoints"
+    rebuilt = rebuilt if report.rebuilt else ""
+    if not report.damaged and not report.rebuilt:
         lines.append(f"checked {where}: all intact, nothing to do")
     elif dry:
-        lines.append(f"dry run: {report.damaged} of {where} need repair; nothing changed")
+        lines.append(f"dry run: {report.damaged} of {where} need repair{rebuilt}; nothing changed")
     else:
-        lines.append(f"repaired {report.damaged} of {where}")
+        lines.append(f"repaired {report.damaged} of {where}{rebuilt}")
     return "\n".join(lines)
 
 
@@ -369,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: repair failed: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({**asdict(report), "damaged": report.damaged}, indent=2))
+        print(json.dumps({**asdict(report), "damaged": report.damaged, "rebuilt": report.rebuilt}, indent=2))
     else:
         print(describe(report))
     return 0
