@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import nats
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from pigeon.server.listener import GRACEFUL_STOP_S
 from serve_process import README_RUN, Served, T
 
 WORKER = Path(__file__).resolve().parent / "serve_load_worker.py"
@@ -105,6 +107,24 @@ async def test_signal_stops_cleanly_and_data_survives_a_restart(data: Path, sign
         assert second.stop() == 0
     finally:
         second.kill()
+
+
+def test_clients_stalled_mid_request_do_not_keep_it_from_stopping(served: Served) -> None:
+    """A client that sent half an HTTP request, and one that sent half a NATS PUB, are cut off
+    after the grace period; the server stops without them."""
+    host, http_port = served.http_url.removeprefix("http://").split(":")
+    with (
+        socket.create_connection((host, int(http_port)), timeout=T) as http,
+        socket.create_connection(("127.0.0.1", served.port), timeout=T) as client,
+    ):
+        http.sendall(b"POST /api/streams HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        client.recv(4096)  # INFO
+        client.sendall(b"CONNECT {}\r\nPUB half 10\r\nabc")
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert served.stop() == 0, served.stderr()
+        assert time.monotonic() - started < GRACEFUL_STOP_S + 3
+    assert "Traceback" not in served.stderr()
 
 
 def test_second_instance_on_the_same_data_dir_is_refused(served: Served, data: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import os
 import signal
 import socket
@@ -33,6 +34,24 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
+GRACEFUL_STOP_S = 5.0  # how long a stopping HTTP server lets requests in progress finish
+
+
+class _RequestsCutAtStop(logging.Filter):
+    """uvicorn reports the requests it cancels when the grace period runs out as errors with a
+    traceback; for a server that is stopping they are expected: one warning line, no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+            return False
+        if "timeout graceful shutdown exceeded" in record.getMessage():
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+logging.getLogger("uvicorn.error").addFilter(_RequestsCutAtStop())
+
+
 class _EmbeddedServer(uvicorn.Server):
     """A uvicorn server that leaves signals alone: ``pigeon serve`` stops it with everything else."""
 
@@ -48,7 +67,16 @@ class HttpServer:
         self.host = host
         self._requested_port = port
         config = uvicorn.Config(
-            app, host=host, port=port, lifespan="off", access_log=False, log_config=None, log_level="warning"
+            app,
+            host=host,
+            port=port,
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            log_level="warning",
+            # Without a bound, one client that stalls in the middle of a request would keep
+            # the whole server from stopping.
+            timeout_graceful_shutdown=GRACEFUL_STOP_S,
         )
         self._server = _EmbeddedServer(config)
         self._task: asyncio.Task[None] | None = None
@@ -65,7 +93,8 @@ class HttpServer:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
-        """Stop accepting, let requests in progress finish; idempotent."""
+        """Stop accepting, let requests in progress finish (for up to GRACEFUL_STOP_S, then they
+        are cancelled and their connections closed); idempotent."""
         task, self._task = self._task, None
         if task is None:
             return
