@@ -34,7 +34,7 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
-GRACEFUL_STOP_S = 5.0  # how long a stopping HTTP server lets requests in progress finish
+GRACEFUL_STOP_S = 5  # how long a stopping HTTP server lets requests in progress finish
 
 
 class _RequestsCutAtStop(logging.Filter):
