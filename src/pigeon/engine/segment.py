@@ -50,9 +50,11 @@ class Segment:
         "directory",
         "first_timestamp_ns",
         "index_offsets",
+        "index_path",
         "index_positions",
         "index_timestamps",
         "last_timestamp_ns",
+        "log_path",
         "next_offset",
         "size",
         "write_fd",
@@ -61,6 +63,9 @@ class Segment:
     def __init__(self, directory: Path, base_offset: int) -> None:
         self.directory = directory
         self.base_offset = base_offset
+        # Named once: every append passes the path along (for its error message).
+        self.log_path = directory / (segment_name(base_offset) + ".log")
+        self.index_path = directory / (segment_name(base_offset) + ".index")
         self.next_offset = base_offset
         self.size = 0
         self.first_timestamp_ns = 0
@@ -73,14 +78,6 @@ class Segment:
         self._index_loaded = False
         self._last_indexed_position = -INDEX_INTERVAL
         self._unwritten_index = bytearray()
-
-    @property
-    def log_path(self) -> Path:
-        return self.directory / (segment_name(self.base_offset) + ".log")
-
-    @property
-    def index_path(self) -> Path:
-        return self.directory / (segment_name(self.base_offset) + ".index")
 
     @property
     def message_count(self) -> int:
