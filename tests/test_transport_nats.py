@@ -565,6 +565,12 @@ async def test_a_dead_members_batch_goes_first_to_the_next_owner(
     doomed_transport = await open_nats(FAST)
     doomed = await doomed_transport.consumer(stream, spec, member="doomed")
     survivor = await nats_transport.consumer(stream, spec, member="survivor")
+
+    async def doomed_owns_it() -> bool:
+        return [p.owner for p in await nats_transport.lag(stream, spec.group)] == ["doomed"]
+
+    # Settled first: a fetch racing the survivor's join could see its batch taken back.
+    assert await eventually(doomed_owns_it, timeout=5)
     for i in range(6):
         await nats_transport.publish(f"{prefix}.x", str(i).encode())
     batch = await drain(doomed, 3, ack=False, batch=3)
