@@ -18,9 +18,9 @@ with a `CorruptLogError` that names this command. The repair:
   last known end, so new messages never reuse an offset a consumer may already have seen;
 * when every log is intact but what is derived from them is not (an index entry that names
   no batch, a sealed segment's index that does not end at its last batch, a ``state.json``
-  that does not parse or points between batches), keeps that ``state.json`` as
-  ``state.json.corrupt-<UTC time>`` (or deletes a sound one): the next open rescans the
-  partition and writes every index and the checkpoint afresh from the logs.
+  that does not parse or points between batches), moves ``state.json`` aside as
+  ``state.json.corrupt-<UTC time>``: the next open rescans the partition and writes every
+  index and the checkpoint afresh from the logs.
 """
 
 from __future__ import annotations
@@ -284,16 +284,11 @@ def _checkpoint_problem(path: Path, bases: list[int], intact: dict[int, list[_Ba
 
 
 def _drop_checkpoint(root: Path, directory: Path, stamp: str) -> str | None:
-    """Remove the partition's checkpoint (kept aside when it exists), so that the next open
-    rescans every segment."""
+    """Move the partition's checkpoint aside, so that the next open rescans every segment."""
     checkpoint = directory / STATE_FILE
     if not checkpoint.exists():
         return None
-    backup = directory / f"{STATE_FILE}.corrupt-{stamp}"
-    n = 0
-    while backup.exists():  # never overwrite an earlier backup
-        n += 1
-        backup = directory / f"{STATE_FILE}.corrupt-{stamp}-{n}"
+    backup = _backup_path(directory, STATE_FILE, stamp)
     os.replace(checkpoint, backup)
     _fsync_dir(directory)
     return str(backup.relative_to(root))
@@ -385,11 +380,7 @@ def _replace_segment(directory: Path, base: int, runs: list[list[_Batch]], stamp
                 os.fsync(out.fileno())
     finally:
         os.close(source)
-    backup = directory / f"{original.name}.corrupt-{stamp}"
-    n = 0
-    while backup.exists():  # never overwrite an earlier backup
-        n += 1
-        backup = directory / f"{original.name}.corrupt-{stamp}-{n}"
+    backup = _backup_path(directory, original.name, stamp)
     os.link(original, backup)
     # The original's own name is replaced last: until then it still names the whole log.
     for name in sorted(names, key=lambda name: name == original.name):
@@ -398,6 +389,15 @@ def _replace_segment(directory: Path, base: int, runs: list[list[_Batch]], stamp
         original.unlink()
     for name in {original.name, *names}:
         (directory / (name[:-4] + ".index")).unlink(missing_ok=True)
+    return backup
+
+
+def _backup_path(directory: Path, name: str, stamp: str) -> Path:
+    backup = directory / f"{name}.corrupt-{stamp}"
+    n = 0
+    while backup.exists():  # never overwrite an earlier backup
+        n += 1
+        backup = directory / f"{name}.corrupt-{stamp}-{n}"
     return backup
 
 
