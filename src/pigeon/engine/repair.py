@@ -437,15 +437,16 @@ def describe(report: RepairReport) -> str:
         if partition.placeholder is not None:
             lines.append(f"  {'would create' if dry else 'created'} empty segment "
                          f"{Path(partition.placeholder).name} so new offsets follow the lost ones")
-        for problem in partition.stale:
-            lines.append(f"{problem}")
+        lines.extend(partition.stale)
         if partition.damaged or partition.stale:
             lines.append(f"{partition.path}: {'would remove' if dry else 'removed'} {STATE_FILE}; "
                          "the next open rescans the partition and rebuilds its indexes")
     segments = sum(p.segments for p in report.partitions)
     where = f"{_count(segments, 'segment')} in {_count(len(report.partitions), 'partition')}"
-    rebuilt = f"; {_count(report.rebuilt, 'partition')} to rescan for damaged indexes or checkpoints"
-    rebuilt = rebuilt if report.rebuilt else ""
+    rebuilt = (
+        f"; {_count(report.rebuilt, 'partition')} to rescan for damaged indexes or checkpoints"
+        if report.rebuilt else ""
+    )
     if not report.damaged and not report.rebuilt:
         lines.append(f"checked {where}: all intact, nothing to do")
     elif dry:
