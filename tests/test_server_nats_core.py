@@ -339,6 +339,40 @@ async def test_internal_subscription_answers_requests_and_sees_publishes(
         await nc.request("$JS.API.INFO", b"{}", timeout=T)
 
 
+async def test_an_internal_wildcard_shares_its_subjects_with_overlapping_subscriptions(
+    server: NatsServer, clients: list[nats.NATS]
+) -> None:
+    # Alone on "$JS.ACK.>", the internal subscription gets its subjects without a route
+    # lookup; a client subscription that overlaps it must still see them, and only while it lasts.
+    internal: list[str] = []
+    server.subscribe("$JS.ACK.>", lambda d: internal.append(d.subject))
+    nc = await connect(server.url, clients)
+    await nc.publish("$JS.ACK.S.c.1.1.1.0.0", b"")
+    await nc.flush(T)
+    seen: list[str] = []
+
+    async def watch(msg: Any) -> None:
+        seen.append(msg.subject)
+
+    for pattern in ("$JS.ACK.S.>", ">", "*.ACK.*.c.>"):
+        watcher = await nc.subscribe(pattern, cb=watch)
+        await nc.publish("$JS.ACK.S.c.1.2.2.0.0", pattern.encode())
+        await nc.flush(T)
+        await wait_until(lambda: len(seen) == 1, f"the {pattern} subscriber gets the ack subject")
+        await watcher.unsubscribe()
+        seen.clear()
+    await nc.publish("$JS.ACK.S.c.1.3.3.0.0", b"")
+    await nc.flush(T)
+    assert internal == ["$JS.ACK.S.c.1.1.1.0.0"] + ["$JS.ACK.S.c.1.2.2.0.0"] * 3 + ["$JS.ACK.S.c.1.3.3.0.0"]
+    assert seen == [], "an unsubscribed client gets nothing more"
+    # Two internal subscriptions to the same subjects: neither owns them, both get them.
+    twin: list[str] = []
+    server.subscribe("$JS.ACK.>", lambda d: twin.append(d.subject))
+    await nc.publish("$JS.ACK.S.c.1.4.4.0.0", b"")
+    await nc.flush(T)
+    assert (internal[-1], twin) == ("$JS.ACK.S.c.1.4.4.0.0", ["$JS.ACK.S.c.1.4.4.0.0"])
+
+
 # -- raw protocol ------------------------------------------------------------------------------
 
 

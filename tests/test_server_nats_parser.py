@@ -162,6 +162,35 @@ def test_specific_faults(data: bytes, text: str) -> None:
         parser.feed(b"PING\r\n")  # a failed parser stays failed
 
 
+@pytest.mark.parametrize(
+    ("line", "op"),
+    [
+        (b"PUB a.b  3\r\n", Pub(b"a.b", b"", 0, b"xyz")),  # nats-py's form, with an empty reply
+        (b"PUB a.b r.1 3\r\n", Pub(b"a.b", b"r.1", 0, b"xyz")),
+        (b"PUB   a.b   r.1   3\r\n", Pub(b"a.b", b"r.1", 0, b"xyz")),
+        (b"PUB a.b\t3\r\n", Pub(b"a.b", b"", 0, b"xyz")),  # the general path's forms
+        (b"pub a.b 3\n", Pub(b"a.b", b"", 0, b"xyz")),
+    ],
+)
+def test_pub_lines_parse_alike_in_every_form(line: bytes, op: Pub) -> None:
+    assert Parser(MAX_PAYLOAD).feed(line + b"xyz\r\nPING\r\n") == [op, Ping()]
+
+
+@pytest.mark.parametrize(
+    ("data", "text"),
+    [
+        (b"PUB a 12345678901\r\n", "Parser Error"),
+        (b"PUB a b c 1\r\nx\r\n", "Parser Error"),
+        (b"PUB " + b"a" * 40 + b" 1\r\nx\r\n", "Maximum Control Line Exceeded"),
+        (b"PUB a 3\r\nabc\r\nPUB b 5000\r\n", "Maximum Payload Violation"),
+    ],
+)
+def test_pub_line_faults(data: bytes, text: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        Parser(MAX_PAYLOAD, max_control_line=32).feed(data)
+    assert caught.value.text == text
+
+
 def test_large_payload_in_small_chunks_is_fast() -> None:
     size = 1024 * 1024
     stream = b"PUB big %d\r\n" % size + b"x" * size + b"\r\n"

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ...errors import AlreadySettledError, MemberNotFoundError
+from ...errors import AlreadySettledError, MemberNotFoundError, PigeonError
 from ...message import Message
 from ..partition import Partition
 from ..stream import Stream
@@ -348,6 +348,10 @@ class SharedGroup(GroupBase):
                     st.ahead = ahead[want:]
                     del ahead[want:]
                     st.ahead_from = ahead[-1].offset + 1  # type: ignore[operator]
+                else:
+                    # Used up: read on while the loop is idle (a consumer works on what it
+                    # fetched), so that its next fetch does not wait for the log's decoding.
+                    asyncio.get_running_loop().call_later(0, self._read_ahead, st, partition)
                 return ahead
         if want >= _READ_AHEAD or self._bytes_left is not None or partition.recent_by_subject is not None:
             return partition.fetch(st.cursor, want, self._bytes_left)
@@ -359,6 +363,17 @@ class SharedGroup(GroupBase):
                 st.ahead = rest
                 st.ahead_from = messages[-1].offset + 1  # type: ignore[operator]
         return messages
+
+    def _read_ahead(self, st: _PartitionState, partition: Partition) -> None:
+        if self._closed or st.ahead or partition.recent_by_subject is not None:
+            return
+        try:
+            messages = partition.fetch(st.cursor, _READ_AHEAD)
+        except PigeonError:
+            return  # a damaged or closed log: the next read proper reports it
+        if messages and sum([len(m.payload) for m in messages]) <= _READ_AHEAD_BYTES:
+            st.ahead = messages
+            st.ahead_from = st.cursor
 
     def _deliver_plain(
         self,

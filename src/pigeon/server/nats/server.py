@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from ...errors import InvalidConfigError, InvalidSubjectError, TransportClosedError
-from ...subjects import SubjectIndex, validate_subject
+from ...subjects import SubjectIndex, patterns_overlap, validate_subject
 from .connection import ClientConnection
 from .options import ServerOptions
 
@@ -108,6 +108,12 @@ class NatsServer:
         # Routes by subject shape (see _shape): reply inboxes and ack subjects are unique per
         # message, but all of one shape share a route, so they are routed by a dict lookup.
         self._shapes: dict[str, _Route] = {}
+        # Internal "PREFIX.>" subscriptions that no other subscription overlaps, by "PREFIX.":
+        # every subject under it routes to that one alone (JetStream's acks and API), so the
+        # route needs no per-subject lookup: ack subjects are unique and would miss any cache.
+        self._owned: dict[str, _Route] = {}
+        self._owned_prefixes: tuple[str, ...] = ()
+        self._candidates: list[Subscription] = []  # internal "PREFIX.>" subscriptions
         # Per token position, how many patterns hold each literal token there; as long as the
         # longest pattern ever added (longer than needed is harmless).
         self._literals: list[dict[str, int]] = []
@@ -263,6 +269,7 @@ class NatsServer:
                 literals[position][token] = literals[position].get(token, 0) + 1
         self._routes.clear()
         self._shapes.clear()
+        self._update_owned(subscription)
 
     def _add_client_subscription(
         self, conn: ClientConnection, subject: bytes, queue: bytes, sid: bytes
@@ -285,11 +292,35 @@ class NatsServer:
         self._all.discard(subscription)
         if subscription.conn is not None:
             subscription.conn.subs.pop(subscription.sid, None)
+        self._update_owned(subscription)
+
+    def _update_owned(self, changed: Subscription) -> None:
+        """Recompute the owned prefixes if ``changed`` (just added or removed) is a candidate
+        or overlaps one; other subscriptions cost a check against the few candidates."""
+        if _owned_prefix(changed) is not None:
+            if changed in self._all:
+                self._candidates.append(changed)
+            elif changed in self._candidates:
+                self._candidates.remove(changed)
+        elif not any(patterns_overlap(c.subject, changed.subject) for c in self._candidates):
+            return
+        owned: dict[str, _Route] = {}
+        for candidate in self._candidates:
+            prefix = _owned_prefix(candidate)
+            others = (s for s in self._all if s is not candidate)
+            if prefix and not any(patterns_overlap(s.subject, candidate.subject) for s in others):
+                owned[prefix] = _Route((candidate,), (), False)
+        self._owned = owned
+        self._owned_prefixes = tuple(owned)
 
     def _route_for(self, subject: str) -> _Route:
         route = self._routes.get(subject)
         if route is not None:
             return route
+        if subject.startswith(self._owned_prefixes):
+            for prefix, owned in self._owned.items():
+                if subject.startswith(prefix):
+                    return owned
         try:
             validate_subject(subject)
         except InvalidSubjectError:
@@ -360,7 +391,9 @@ class NatsServer:
         A subject with ``*`` or ``>`` tokens is routed literally, as nats-server does: those
         tokens match the same token or a wildcard of a subscription (JetStream API subjects
         embed filters this way). Raises InvalidSubjectError (or UnicodeDecodeError) for
-        anything else that is not a valid subject (empty tokens, whitespace). Returns the
+        anything else that is not a valid subject (empty tokens, whitespace), except under an
+        owned prefix (see ``_owned``): those all go to the owner unchecked, which reads their
+        tokens itself (JetStream's acks and API answer or ignore what does not fit). Returns the
         number of deliveries. ``shown``, when given, is the subject written in the MSG/HMSG
         lines instead of ``subject`` (see :meth:`publish`).
         """
@@ -477,6 +510,16 @@ class NatsServer:
     @property
     def ssl_context(self) -> ssl.SSLContext | None:
         return self._ssl
+
+
+def _owned_prefix(subscription: Subscription) -> str | None:
+    """The "PREFIX." of an internal subscription to "PREFIX.>" (literal tokens), else None."""
+    if subscription.handler is None or subscription.queue is not None:
+        return None
+    prefix, _, last = subscription.subject.rpartition(".")
+    if last != ">" or not prefix or "*" in prefix.split("."):
+        return None
+    return prefix + "."
 
 
 def _wildcard_subject_tokens(subject: str) -> list[str]:
