@@ -136,3 +136,28 @@ async def test_a_used_up_read_ahead_is_refilled_while_the_group_is_idle(data_dir
         assert seen == list(range(1000, 1600))
     finally:
         await engine.close()
+
+
+async def test_ack_waiting_settles_what_waits_to_come_again(data_dir: Path) -> None:
+    engine = await open_stream(data_dir, "waiting")
+    config = SharedGroupConfig("g", ack_wait_s=30)
+    try:
+        for i in range(4):
+            await engine.publish(SUBJECT, str(i).encode())
+        member = (await engine.shared_group("waiting", config)).member()
+        deliveries = await member.fetch(4, 1)
+        for delivery in deliveries[:3]:
+            await delivery.nack()  # all three wait to come again
+        await member.ack_waiting(below=2)  # settles offsets 0 and 1, not 2
+        await deliveries[3].ack()
+        [again] = await member.fetch(10, 1)
+        assert (again.offset, again.delivery_count) == (2, 2)
+    finally:
+        await engine.close()
+    engine = await Engine.open(data_dir)
+    try:
+        # Recorded: after a reopen only offset 2 is left, unleased since the restart.
+        [left] = await (await engine.shared_group("waiting", config)).member().fetch(10, 1)
+        assert left.offset == 2
+    finally:
+        await engine.close()

@@ -155,10 +155,6 @@ class PigeonServe(_JetStream):
     name = "pigeon_serve"
     title = "pigeon serve (nats-py, JetStream API)"
     kind = "pigeon"
-    unsupported = {
-        "consume_ordered_batch": "pigeon serve's JetStream has no AckPolicy.ALL (its ordered groups "
-        "are reached through $PIGEON.API, which nats-py does not speak)",
-    }
 
     @classmethod
     @contextlib.asynccontextmanager

@@ -633,6 +633,14 @@ class SharedGroup(GroupBase):
             self._state.record(ACK, delivery.partition, delivery.offset)
         await self._flush()
 
+    async def _ack_waiting(self, partition: int, below: int) -> None:
+        st = self._parts[partition]
+        waiting = [offset for offset in st.counts if offset < below]
+        for offset in waiting:
+            self._finish(partition, offset, None, ACK)
+        if waiting:
+            await self._flush()
+
     async def _nack(self, delivery: Delivery, delay: float | None, error: BaseException | str | None) -> None:
         check_nack_delay(delay)
         self._take_lease(delivery)
@@ -780,6 +788,13 @@ class SharedMember:
     async def ack_batch(self, deliveries: list[Delivery]) -> None:
         """Acknowledge many deliveries at once: one state-log write instead of one per message."""
         await self.group._ack_batch(deliveries)
+
+    async def ack_waiting(self, below: int, partition: int = 0) -> None:
+        """Acknowledge the messages of ``partition`` below offset ``below`` that are delivered
+        but not leased now (nacked, expired, or in flight at a restart): what an ack covering
+        everything before it settles (JetStream's AckAll). The group's keys are not released
+        by it: not for key-ordered groups."""
+        await self.group._ack_waiting(partition, below)
 
     async def leave(self) -> None:
         await self.group._release_member(self)

@@ -43,6 +43,7 @@ from . import errors
 from .consumers import (
     PULL_CHUNK,
     PullConsumer,
+    ack_policy_from_json,
     check_consumer_name,
     group_config_from_json,
     header_block,
@@ -671,13 +672,16 @@ class JetStream:
         check_consumer_name(name)
         self._stream(stream)
         group_config, filters = group_config_from_json(self.engine, stream, name, config)
+        ack_policy = ack_policy_from_json(config)
         ephemeral = not durable_api and not config.get("durable_name")
         threshold_ns = config.get("inactive_threshold") or 0
         if not isinstance(threshold_ns, int) or threshold_ns < 0:
             raise errors.bad_request("inactive_threshold must be a duration in nanoseconds")
         threshold = threshold_ns / _NS if threshold_ns else (_EPHEMERAL_THRESHOLD_S if ephemeral else None)
-        meta = ConsumerMeta(filters, ephemeral, threshold, time.time_ns())
+        meta = ConsumerMeta(filters, ephemeral, threshold, time.time_ns(), ack_policy)
         known = self._meta.get(stream, name)
+        if known is not None and known.ack_policy != ack_policy:
+            raise errors.ack_policy_not_updatable()
         if known is not None and (known.filters, known.ephemeral) != (filters, ephemeral):
             raise errors.consumer_exists()
         try:

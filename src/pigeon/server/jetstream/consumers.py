@@ -30,6 +30,7 @@ from .streams import rfc3339
 __all__ = [
     "PULL_CHUNK",
     "PullConsumer",
+    "ack_policy_from_json",
     "check_consumer_name",
     "group_config_from_json",
     "header_block",
@@ -144,8 +145,6 @@ def group_config_from_json(
     """A consumer configuration as a shared group configuration and filters (raises ApiError)."""
     if config.get("deliver_subject"):
         raise not_supported("push consumers (deliver_subject)")
-    if config.get("ack_policy", "explicit") != "explicit":
-        raise not_supported(f"ack policy {config['ack_policy']!r}")
     filters = _filters(engine, stream, config)
     max_deliver = _int(config, "max_deliver", -1)
     max_ack_pending = _int(config, "max_ack_pending", 1000)
@@ -164,6 +163,15 @@ def group_config_from_json(
     except ValueError as error:
         raise bad_request(str(error)) from None
     return group, filters
+
+
+def ack_policy_from_json(config: dict[str, Any]) -> str:
+    """The consumer's ack policy (raises ApiError): "explicit", each message acked; "all", an ack
+    covers every message delivered before it too; "none", a message counts as acked once sent."""
+    policy = config.get("ack_policy") or "explicit"
+    if policy not in ("explicit", "all", "none"):
+        raise bad_request(f"ack_policy must be explicit, all or none, not {policy!r}")
+    return str(policy)
 
 
 def _policy_json(start: StartAt) -> dict[str, Any]:
@@ -253,7 +261,7 @@ class PullConsumer:
                 asked = min(left, PULL_CHUNK)
                 deliveries = await self.member.fetch(asked, timeout)
                 wanted = await self._skip_filtered(deliveries)
-                self._send(reply, wanted)
+                await self._hand_over(reply, wanted)
                 left -= len(wanted)
                 if wanted and no_wait:
                     waits = False  # the first messages came: the rest only if they are there now
@@ -282,7 +290,7 @@ class PullConsumer:
         self.last_active = time.monotonic()
         deliveries = await self.member.fetch(count, 0.0)
         wanted = await self._skip_filtered(deliveries)
-        self._send(reply, wanted)
+        await self._hand_over(reply, wanted)
         return len(wanted)
 
     def idle_s(self) -> float:
@@ -300,6 +308,13 @@ class PullConsumer:
         if len(wanted) < len(deliveries):
             await self.member.ack_batch([d for d in deliveries if not self._wanted(d.message.subject)])
         return wanted
+
+    async def _hand_over(self, reply: str, deliveries: list[Delivery]) -> None:
+        self._send(reply, deliveries)
+        if self.meta.ack_policy == "none" and deliveries:
+            # No ack will come: what is sent is done, as with nats-server's AckNone.
+            first = self.consumer_seq - len(deliveries) + 1
+            await self.ack_many([(d.offset + 1, first + i) for i, d in enumerate(deliveries)])
 
     def _send(self, reply: str, deliveries: list[Delivery]) -> None:
         if not deliveries:
@@ -330,7 +345,13 @@ class PullConsumer:
     # -- acks ------------------------------------------------------------------------------
 
     async def ack_many(self, acks: list[tuple[int, int]]) -> None:
-        """Plain acks of several deliveries, as (stream seq, consumer seq): one state-log write."""
+        """Plain acks of several deliveries, as (stream seq, consumer seq): one state-log write.
+        With ack policy "all", the highest covers every delivery before it as well."""
+        if self.meta.ack_policy == "all" and acks:
+            last_offset = max(acks)[0] - 1
+            acks = [(o + 1, 0) for o in self.outstanding if o < last_offset] + [max(acks)]
+            # and the messages before it that wait to come again (nacked, expired)
+            await self.member.ack_waiting(last_offset)
         held: dict[int, tuple[Delivery, int]] = {}
         for stream_seq, consumer_seq in acks:
             delivery = self.outstanding.get(stream_seq - 1)
@@ -360,6 +381,9 @@ class PullConsumer:
         if delivery is None:
             return  # settled already, or delivered before a restart: nothing holds it
         verb, _, rest = payload.strip().partition(b" ")
+        if self.meta.ack_policy == "all" and verb in (b"", b"+ACK", b"+NXT"):
+            await self.ack_many([(stream_seq, consumer_seq)])
+            return
         try:
             if verb == b"+WPI":
                 await delivery.in_progress()
@@ -435,7 +459,7 @@ class PullConsumer:
         out |= {
             "name": self.name,
             **_policy_json(config.start),
-            "ack_policy": "explicit",
+            "ack_policy": meta.ack_policy,
             "ack_wait": round(config.ack_wait_s * _NS),
             "max_deliver": config.max_deliver or -1,
             "replay_policy": "instant",

@@ -11,6 +11,7 @@ from typing import Any
 
 __all__ = [
     "ApiError",
+    "ack_policy_not_updatable",
     "bad_request",
     "consumer_exists",
     "consumer_not_found",
@@ -90,6 +91,10 @@ def wrong_last_sequence(actual_seq: int) -> ApiError:
 
 def consumer_exists() -> ApiError:
     return ApiError(400, 10148, "consumer already exists")
+
+
+def ack_policy_not_updatable() -> ApiError:
+    return ApiError(500, 10012, "ack policy can not be updated")
 
 
 def message_too_large() -> ApiError:

@@ -1,4 +1,5 @@
-"""What a JetStream consumer has beyond its engine group: filters, ephemerality, creation time.
+"""What a JetStream consumer has beyond its engine group: filters, ephemerality, creation time,
+ack policy.
 
 The engine's group configuration has no room for these, and a filtered consumer revived
 unfiltered after a restart would deliver what it must not, so they live in one JSON file
@@ -22,6 +23,7 @@ class ConsumerMeta:
     ephemeral: bool = False
     inactive_threshold_s: float | None = None
     created_ns: int = 0
+    ack_policy: str = "explicit"  # "all" and "none" settle in the consumer, not the group
 
 
 class MetaStore:
