@@ -38,7 +38,7 @@ from ...errors import (
 from ...message import Message
 from ...subjects import patterns_overlap
 from ..nats import Delivery, NatsServer, Subscription
-from ..nats.protocol import parse_headers
+from ..nats.protocol import Pub, parse_headers
 from . import errors
 from .consumers import (
     PULL_CHUNK,
@@ -96,16 +96,31 @@ def _request_json(payload: bytes) -> Json:
     return data
 
 
+# What the worker does, and on what: ("ack", Pub), the PUB a client sent to an ack subject;
+# otherwise (kind, Delivery).
+_Work = tuple[str, Any]
+
+
+def _ack_op(delivery: Delivery) -> Pub:
+    """An ack that came through routing, in the form acks from clients come in."""
+    headers = delivery.headers or b""
+    reply = (delivery.reply or "").encode()
+    return Pub(delivery.subject.encode(), reply, len(headers), headers + delivery.payload)
+
+
 class _WorkQueue:
     """What the worker reads: asyncio.Queue's put_nowait, get, get_nowait and empty, without
     the bookkeeping it does not use (every message stored or acked passes through here)."""
 
     def __init__(self) -> None:
-        self._items: deque[tuple[str, Delivery]] = deque()
+        self._items: deque[_Work] = deque()
         self._waiter: asyncio.Future[None] | None = None
 
-    def put_nowait(self, item: tuple[str, Delivery]) -> None:
-        self._items.append(item)
+    def put_nowait(self, item: _Work) -> None:
+        self.put_many([item])
+
+    def put_many(self, items: list[_Work]) -> None:
+        self._items.extend(items)
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -113,10 +128,10 @@ class _WorkQueue:
     def empty(self) -> bool:
         return not self._items
 
-    def get_nowait(self) -> tuple[str, Delivery]:
+    def get_nowait(self) -> _Work:
         return self._items.popleft()
 
-    async def get(self) -> tuple[str, Delivery]:
+    async def get(self) -> _Work:
         while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
@@ -156,7 +171,11 @@ class JetStream:
         server.advertise(jetstream=True)
         js._subscriptions = [
             server.subscribe(_API + ">", lambda d: js._queue.put_nowait(("api", d))),
-            server.subscribe("$JS.ACK.>", lambda d: js._queue.put_nowait(("ack", d))),
+            server.subscribe(
+                "$JS.ACK.>",
+                lambda d: js._queue.put_nowait(("ack", _ack_op(d))),
+                raw=lambda ops, _conn: js._queue.put_many([("ack", op) for op in ops]),
+            ),
         ]
         for name in engine.streams():
             info = engine.stream_info(name)
@@ -204,7 +223,7 @@ class JetStream:
             "api": self._api,
             "reap": self._reap,
         }
-        batched: dict[str, Callable[[list[Delivery]], Awaitable[None]]] = {
+        batched: dict[str, Callable[[list[Any]], Awaitable[None]]] = {
             "ack": self._acks,
             "pub": self._store_many,
         }
@@ -243,7 +262,7 @@ class JetStream:
             await self._guarded(kind, delivery, handlers[kind](delivery))
 
     @staticmethod
-    async def _guarded(kind: str, delivery: Delivery, work: Awaitable[None]) -> None:
+    async def _guarded(kind: str, delivery: Delivery | Pub, work: Awaitable[None]) -> None:
         try:
             await work
         except Exception:
@@ -335,35 +354,40 @@ class JetStream:
 
     # -- acks ------------------------------------------------------------------------------
 
-    async def _acks(self, deliveries: list[Delivery]) -> None:
+    async def _acks(self, acks: list[Pub]) -> None:
+        """Apply acks: each the PUB to ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.
+        <consumer seq>.<time>.<pending>`` a client sent; what does not fit is ignored."""
         plain: dict[PullConsumer, list[tuple[int, int]]] = {}
-        names = ("", "")  # of the consumer the previous ack was for (acks come in runs)
+        names = (b"", b"")  # of the consumer the previous ack was for (acks come in runs)
         consumer: PullConsumer | None = None
-        for delivery in deliveries:
+        for ack in acks:
             try:
-                _, _, stream, name, _, stream_seq, consumer_seq, _, _ = delivery.subject.split(".")
+                _, _, stream, name, _, stream_seq, consumer_seq, _, _ = ack.subject.split(b".")
             except ValueError:
                 continue  # not an ack subject of ours
             if not (stream_seq.isdigit() and consumer_seq.isdigit()):
                 continue
             if names != (stream, name):
                 names = (stream, name)
-                consumer = self._consumer_or_none(stream, name)
+                try:
+                    consumer = self._consumer_or_none(stream.decode(), name.decode())
+                except UnicodeDecodeError:
+                    consumer = None
             if consumer is None:
                 continue
             sequences = (int(stream_seq), int(consumer_seq))
-            payload = delivery.payload
-            if not payload or payload.strip() in (b"", b"+ACK"):
+            payload = ack.data[ack.header_size :].strip()
+            if payload in (b"", b"+ACK"):
                 plain.setdefault(consumer, []).append(sequences)
                 continue
             if consumer in plain:  # what this consumer was told before comes first
                 await consumer.ack_many(plain.pop(consumer))
             await consumer.settle(*sequences, payload)
-        for consumer, acks in plain.items():
-            await consumer.ack_many(acks)
-        for delivery in deliveries:
-            if delivery.reply:  # a synchronous ack waits for this empty answer
-                self.server.publish(delivery.reply)
+        for consumer, batch in plain.items():
+            await consumer.ack_many(batch)
+        for ack in acks:
+            if ack.reply:  # a synchronous ack waits for this empty answer
+                self.server.publish(ack.reply.decode(errors="replace"))
 
     # -- the API ---------------------------------------------------------------------------
 
@@ -783,7 +807,7 @@ class JetStream:
         consumer.tasks.add(task)
         task.add_done_callback(_finished(consumer))
 
-    async def _pull_ahead_of_acks(self, request: Delivery, acks: list[Delivery]) -> bool:
+    async def _pull_ahead_of_acks(self, request: Delivery, acks: list[Pub]) -> bool:
         """Serve the first chunk of the pull ``request`` before the ``acks`` queued just ahead
         of it, then apply them; False, having done nothing, when that could change the chunk.
 
@@ -796,8 +820,8 @@ class JetStream:
         tokens = request.subject[len(_API) :].split(".")
         if len(tokens) != 5 or tokens[:3] != ["CONSUMER", "MSG", "NEXT"] or not request.reply:
             return False
-        if any(ack.reply or ack.payload.strip() not in (b"", b"+ACK") for ack in acks):
-            return False
+        if any(ack.reply or ack.data.strip() not in (b"", b"+ACK") for ack in acks):
+            return False  # (a header block counts as more than a plain ack too)
         try:
             consumer = self._consumer(tokens[3], tokens[4])
             batch, expires, no_wait = parse_pull_request(request.payload)

@@ -75,6 +75,8 @@ class ClientConnection(asyncio.Protocol):
         # nats-server's defaults until CONNECT says otherwise (CONNECT {} keeps them).
         self.verbose = True
         self.pedantic = True
+        # Neither +OK nor subject complaints: a PUB needs no answer (until CONNECT, it does).
+        self._answers_none = False
         self.echo = True
         self.headers = False
         self.no_responders = False
@@ -142,13 +144,29 @@ class ClientConnection(asyncio.Protocol):
             ops = self.parser.feed(data)
         except ProtocolError as fault:
             ops, error = fault.ops, fault
+        raw: list[Pub] = []  # PUBs in a row for subscriptions that take them raw
         for op in ops:
             if type(op) is Pub and self._connected:  # most operations: one call less
+                if (
+                    op.subject.startswith(self.server.raw_prefixes)
+                    and self._answers_none
+                    and (self.headers or not op.header_size)
+                ):
+                    raw.append(op)
+                    continue
+                if raw:
+                    self.server.hand_raw(self, raw)
+                    raw = []
                 self._pub(op)
             else:
+                if raw:  # before a SUB or UNSUB can change who owns what
+                    self.server.hand_raw(self, raw)
+                    raw = []
                 self._dispatch(op)
             if self._closed:
                 return
+        if raw:
+            self.server.hand_raw(self, raw)
         if error is not None:
             self.fail(error.text)
 
@@ -198,6 +216,7 @@ class ClientConnection(asyncio.Protocol):
         self._connected = True
         self.verbose = bool(options.get("verbose", self.verbose))
         self.pedantic = bool(options.get("pedantic", self.pedantic))
+        self._answers_none = not self.verbose and not self.pedantic
         self.echo = bool(options.get("echo", self.echo))
         self.headers = bool(options.get("headers", self.headers))
         # The no-responders status is a header, so it needs a client that reads headers.

@@ -170,24 +170,26 @@ class Parser:
         pos = 0
         end = len(buf)
         max_payload = self.max_payload
+        max_line = self.max_control_line
         plain_pub = _PLAIN_PUB.match
+        append = ops.append
         while pos < end:
             found = plain_pub(buf, pos)
-            if found is not None and found.end() - pos <= self.max_control_line:
-                subject, reply, tsize = found.groups()
-                size = int(tsize)
-                if size > max_payload:
-                    raise ProtocolError(ERR_MAX_PAYLOAD)
+            if found is not None:
                 start = found.end()
-                stop = start + size
-                if stop + 2 > end:
-                    self._need = stop + 2 - pos
-                    return pos
-                if buf[stop : stop + 2] != _CRLF:
-                    raise ProtocolError(ERR_UNKNOWN_OP)
-                ops.append(Pub(subject, reply or b"", 0, buf[start:stop]))
-                pos = stop + 2
-                continue
+                if start - pos <= max_line:
+                    subject, reply, tsize = found.groups()
+                    stop = start + int(tsize)
+                    if stop - start > max_payload:
+                        raise ProtocolError(ERR_MAX_PAYLOAD)
+                    if stop + 2 > end:
+                        self._need = stop + 2 - pos
+                        return pos
+                    if not buf.startswith(_CRLF, stop):
+                        raise ProtocolError(ERR_UNKNOWN_OP)
+                    append(Pub(subject, reply or b"", 0, buf[start:stop]))
+                    pos = stop + 2
+                    continue
             nl = buf.find(b"\n", pos)
             if nl < 0:
                 if end - pos > self.max_control_line:

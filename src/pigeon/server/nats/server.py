@@ -25,6 +25,7 @@ from ...errors import InvalidConfigError, InvalidSubjectError, TransportClosedEr
 from ...subjects import SubjectIndex, patterns_overlap, validate_subject
 from .connection import ClientConnection
 from .options import ServerOptions
+from .protocol import Pub
 
 __all__ = ["NATS_COMPAT_VERSION", "Delivery", "NatsServer", "Outgoing", "Subscription"]
 
@@ -57,12 +58,15 @@ class Delivery(NamedTuple):
 
 
 Handler = Callable[[Delivery], None]
+# Takes a client's PUBs in a row under a prefix its subscription owns, as parsed (see
+# NatsServer.subscribe).
+RawHandler = Callable[[list[Pub], ClientConnection], None]
 
 
 class Subscription:
     """One subscription: a client's (``conn`` set) or an internal one (``handler`` set)."""
 
-    __slots__ = ("conn", "delivered", "handler", "max_msgs", "queue", "server", "sid", "subject")
+    __slots__ = ("conn", "delivered", "handler", "max_msgs", "queue", "raw", "server", "sid", "subject")
 
     def __init__(
         self,
@@ -72,6 +76,7 @@ class Subscription:
         sid: bytes,
         conn: ClientConnection | None = None,
         handler: Handler | None = None,
+        raw: RawHandler | None = None,
     ) -> None:
         self.server = server
         self.subject = subject
@@ -79,6 +84,7 @@ class Subscription:
         self.sid = sid
         self.conn = conn
         self.handler = handler
+        self.raw = raw
         self.max_msgs: int | None = None
         self.delivered = 0
 
@@ -113,6 +119,9 @@ class NatsServer:
         # route needs no per-subject lookup: ack subjects are unique and would miss any cache.
         self._owned: dict[str, _Route] = {}
         self._owned_prefixes: tuple[str, ...] = ()
+        # The owners that take clients' PUBs raw, and their prefixes (read by the connections).
+        self._raw_owners: tuple[tuple[bytes, Subscription], ...] = ()
+        self.raw_prefixes: tuple[bytes, ...] = ()
         self._candidates: list[Subscription] = []  # internal "PREFIX.>" subscriptions
         # Per token position, how many patterns hold each literal token there; as long as the
         # longest pattern ever added (longer than needed is harmless).
@@ -194,15 +203,25 @@ class NatsServer:
 
     # -- in-process API (the hook for JetStream and system services) -----------------------
 
-    def subscribe(self, subject: str, handler: Handler, *, queue: str | None = None) -> Subscription:
+    def subscribe(
+        self, subject: str, handler: Handler, *, queue: str | None = None, raw: RawHandler | None = None
+    ) -> Subscription:
         """Call ``handler`` for each message on ``subject`` (a pattern), synchronously.
 
         The handler runs inside the publisher's read callback, so it must not block; work
         that awaits (storing a message, then acking) belongs in a task or queue it feeds,
         which keeps arrival order if it is one consumer per queue. An exception in the
         handler is logged and does not reach the publisher.
+
+        ``raw``, for a "PREFIX.>" subscription, takes what clients publish there while the
+        subscription owns the prefix (no other subscription overlaps it), as the parser made it,
+        without routing, several PUBs in a row at a time: the subject is bytes, unchecked, for
+        the owner to read (JetStream's acks, one per message, cost no more than that), and the
+        order of a client's operations is kept. ``handler`` still gets the rest: what
+        the server publishes, what verbose or pedantic clients publish (they are answered per
+        operation), and everything while another subscription overlaps.
         """
-        subscription = Subscription(self, subject, queue, b"", handler=handler)
+        subscription = Subscription(self, subject, queue, b"", handler=handler, raw=raw)
         self._add(subscription)
         return subscription
 
@@ -312,6 +331,27 @@ class NatsServer:
                 owned[prefix] = _Route((candidate,), (), False)
         self._owned = owned
         self._owned_prefixes = tuple(owned)
+        self._raw_owners = tuple(
+            (prefix.encode(), route.plain[0]) for prefix, route in owned.items() if route.plain[0].raw
+        )
+        self.raw_prefixes = tuple(prefix for prefix, _ in self._raw_owners)
+
+    def hand_raw(self, conn: ClientConnection, ops: list[Pub]) -> None:
+        """Give ``ops``, PUBs in a row from ``conn`` whose subjects start with one of
+        ``raw_prefixes``, to the subscriptions that own those prefixes, in order."""
+        first = 0
+        while first < len(ops):
+            prefix, owner = next(p for p in self._raw_owners if ops[first].subject.startswith(p[0]))
+            end = first + 1
+            while end < len(ops) and ops[end].subject.startswith(prefix):
+                end += 1
+            assert owner.raw is not None
+            owner.delivered += end - first
+            try:
+                owner.raw(ops[first:end] if first or end < len(ops) else ops, conn)
+            except Exception:
+                log.exception("internal subscription handler for %r failed", owner.subject)
+            first = end
 
     def _route_for(self, subject: str) -> _Route:
         route = self._routes.get(subject)

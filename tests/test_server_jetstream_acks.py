@@ -1,9 +1,12 @@
-"""JetStream ack policies "all" and "none", run with nats-py against the real ``nats-server -js``
-and against pigeon's server, comparing what a client observes: what is delivered, what an ack
-covers, what comes back, and the consumer's counts."""
+"""JetStream acks: the ack policies "all" and "none", run with nats-py against the real
+``nats-server -js`` and against pigeon's server, comparing what a client observes (what is
+delivered, what an ack covers, what comes back, the consumer's counts); and, on pigeon alone,
+acks arriving every way a client can send them."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -102,3 +105,51 @@ async def test_an_unknown_ack_policy_is_refused(url: str) -> None:
         await js.add_stream(name="ap", subjects=["ap"])
         refused = await failure(js.add_consumer("ap", durable_name="c", ack_policy="sometimes"))
         assert refused[:2] == (400, 10003) and "ack_policy" in refused[2]
+
+
+async def raw_ack(url: str, connect: str, frame: bytes, answer: bytes) -> None:
+    """Send ``frame`` on a fresh connection opened with ``connect``; expect ``answer`` back."""
+    host, port = url.removeprefix("nats://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        await asyncio.wait_for(reader.readline(), T)  # INFO
+        writer.write(b"CONNECT " + connect.encode() + b"\r\n" + frame + b"PING\r\n")
+        got = await asyncio.wait_for(reader.readuntil(b"PONG\r\n"), T)
+        assert got == answer + b"PONG\r\n"
+    finally:
+        writer.close()
+
+
+async def test_acks_count_however_they_come(url: str) -> None:
+    async with client(url) as nc, client(url) as watcher_nc:
+        js = nc.jetstream(timeout=T)
+        await js.add_stream(name="ways", subjects=["ways"])
+        for i in range(5):
+            await js.publish("ways", b"%d" % i)
+        await js.add_consumer("ways", durable_name="c", ack_policy="explicit")
+        msgs = await (await js.pull_subscribe_bind("c", stream="ways")).fetch(5, timeout=T)
+        # A verbose client is answered +OK per operation; a pedantic one sends headers too.
+        reply = [m.reply.encode() for m in msgs]
+        await raw_ack(url, '{"verbose":true}', b"PUB %b 0\r\n\r\n" % reply[0], b"+OK\r\n+OK\r\n")
+        header = b"NATS/1.0\r\nX: y\r\n\r\n"
+        frame = b"HPUB %b %d %d\r\n%b+ACK\r\n" % (reply[1], len(header), len(header) + 4, header)
+        await raw_ack(url, '{"verbose":false,"pedantic":true,"headers":true}', frame, b"")
+        # While a client watches the ack subjects, they are routed to it and still applied.
+        seen: list[str] = []
+
+        async def watch(msg: Any) -> None:
+            seen.append(msg.subject)
+
+        watcher = await watcher_nc.subscribe("$JS.ACK.ways.>", cb=watch)
+        await watcher_nc.flush(T)
+        await msgs[2].ack()
+        await nc.flush(T)
+        await watcher.unsubscribe()
+        await watcher_nc.flush(T)
+        await msgs[3].ack()
+        await msgs[4].ack()
+        deadline = time.monotonic() + T
+        while (info := await js.consumer_info("ways", "c")).num_ack_pending:
+            assert time.monotonic() < deadline, f"{info.num_ack_pending} acks not applied"
+            await asyncio.sleep(0.02)
+        assert (info.ack_floor.stream_seq, seen) == (5, [msgs[2].reply])
