@@ -11,6 +11,10 @@ this process is only the client. Every message carries a 100-byte payload. Figur
 - js_consume_ack_msgs_per_s: a durable pull consumer fetches (batches of 500) and acks
   every message of that stream.
 
+"client_busy" is, for the two JetStream workloads, the share of the time the client process
+was on a CPU: near 1 the client is what limits the figure (it never waits for the server),
+and a server can only match another there, not beat it.
+
 Ratios are pigeon / nats_server (nats_server / pigeon for latency: above 1 means pigeon is
 faster). The machine is shared and noisy, so each round measures both servers back to back
 (in alternating order) and a ratio is the median of the rounds' ratios; each figure is the
@@ -56,6 +60,7 @@ FIGURES = [
     "js_consume_ack_msgs_per_s",
 ]
 LATENCIES = {"reqrep_p50_ms", "reqrep_p99_ms"}
+BUSY = ["js_publish_async", "js_consume_ack"]
 # figure -> minimum ratio (pigeon / nats_server; nats_server / pigeon for latency)
 TARGETS = {
     "js_publish_async_msgs_per_s": 1.0,
@@ -176,26 +181,42 @@ async def reqrep(url: str, count: int) -> list[float]:
         return sorted(latencies)
 
 
-async def jetstream(url: str, count: int) -> tuple[float, float]:
+class Stopwatch:
+    """Wall time and this process's CPU time since it was made."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def rate(self, count: int) -> float:
+        return count / (time.perf_counter() - self.wall)
+
+    def busy(self) -> float:
+        return (time.process_time() - self.cpu) / (time.perf_counter() - self.wall)
+
+
+async def jetstream(url: str, count: int) -> tuple[dict[str, float], dict[str, float]]:
+    """({figure: msgs/s}, {workload: client busy share}) of async publish and consume+ack."""
     async with client(url) as nc:
         js = nc.jetstream(timeout=WAIT_S)
         await js.add_stream(name="BENCH", subjects=["bench.js"])
-        start = time.perf_counter()
+        watch = Stopwatch()
         for _ in range(count):
             await js.publish_async("bench.js", PAYLOAD)
         await asyncio.wait_for(js.publish_async_completed(), WAIT_S)
-        publish_rate = count / (time.perf_counter() - start)
+        rates = {"js_publish_async_msgs_per_s": watch.rate(count)}
+        busy = {"js_publish_async": watch.busy()}
 
         await js.add_consumer("BENCH", ConsumerConfig(durable_name="c", ack_policy=AckPolicy.EXPLICIT))
         sub = await js.pull_subscribe_bind("c", "BENCH")
-        start = time.perf_counter()
+        watch = Stopwatch()
         consumed = 0
         while consumed < count:
             for msg in await sub.fetch(min(500, count - consumed), timeout=WAIT_S):
                 await msg.ack()
                 consumed += 1
         await nc.flush(WAIT_S)
-        consume_rate = count / (time.perf_counter() - start)
+        rates["js_consume_ack_msgs_per_s"] = watch.rate(count)
+        busy["js_consume_ack"] = watch.busy()
         # Acks are fire-and-forget: the server may still be applying the last ones.
         for _ in range(int(WAIT_S / 0.05)):
             info = await js.consumer_info("BENCH", "c")
@@ -204,19 +225,20 @@ async def jetstream(url: str, count: int) -> tuple[float, float]:
             await asyncio.sleep(0.05)
         if info.num_ack_pending:
             raise SystemExit(f"{info.num_ack_pending} acks were not applied")
-        return publish_rate, consume_rate
+        return rates, busy
 
 
 async def measure(url: str, count: int, requests: int) -> dict[str, float]:
+    """The FIGURES, and the BUSY shares under their workload names."""
     latencies = await reqrep(url, requests)
-    js_publish, js_consume = await jetstream(url, count)
+    rates, busy = await jetstream(url, count)
     return {
         "core_publish_msgs_per_s": round(await core_publish(url, count), 1),
         "core_pubsub_delivered_msgs_per_s": round(await core_pubsub(url, count), 1),
         "reqrep_p50_ms": round(percentile(latencies, 0.5), 3),
         "reqrep_p99_ms": round(percentile(latencies, 0.99), 3),
-        "js_publish_async_msgs_per_s": round(js_publish, 1),
-        "js_consume_ack_msgs_per_s": round(js_consume, 1),
+        **{name: round(rate, 1) for name, rate in rates.items()},
+        **{name: round(share, 3) for name, share in busy.items()},
     }
 
 
@@ -289,6 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         for kind in ("pigeon", "nats_server")
     }
+    report["client_busy"] = {
+        kind: {name: statistics.median(r[kind][name] for r in measured) for name in BUSY}
+        for kind in ("pigeon", "nats_server")
+    }
     report["ratios"], report["targets"] = compare(measured)
     report["nats_server_version"] = nats_server_version()
     if args.json:
@@ -297,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ours, ref, ratios = report["pigeon"], report["nats_server"], report["ratios"]
         for name in FIGURES:
             print(f"{name:36} pigeon {ours[name]:>12}  nats-server {ref[name]:>12}  ratio {ratios[name]}")
+        for name in BUSY:
+            ours, ref = report["client_busy"]["pigeon"][name], report["client_busy"]["nats_server"][name]
+            print(f"client busy in {name:27} pigeon {ours:>12}  nats-server {ref:>12}")
         for name, target in report["targets"].items():
             verdict = "pass" if target["pass"] else "FAIL"
             print(f"target {name:36} {target['value']} {target['target']}: {verdict}")

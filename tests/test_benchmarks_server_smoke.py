@@ -46,6 +46,10 @@ def test_server_benchmark_quick_run_reports_every_figure() -> None:
             assert _positive(value), f"{kind}.{name} = {value!r}"
     assert report["rounds"] == 1
     for kind in ("pigeon", "nats_server"):
+        busy = report["client_busy"][kind]
+        assert set(busy) == {"js_publish_async", "js_consume_ack"}
+        assert all(0 < share <= 1.5 for share in busy.values()), busy  # CPU time over wall time
+    for kind in ("pigeon", "nats_server"):
         for name, (low, high) in report["spread"][kind].items():
             assert low <= report[kind][name] <= high, f"{kind}.{name}"
     assert set(report["targets"]) == TARGETS
