@@ -6,44 +6,43 @@ acks arriving every way a client can send them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
+import nats.js
 
-from test_server_jetstream import Pigeon, T, client, failure, run_reference
+import test_server_jetstream_differential_more as differential
+from test_server_jetstream import T, client, failure
 from test_server_jetstream_differential_more import both, consumer_state, fetched
 
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with run_reference(tmp_path_factory.mktemp("js")) as url:
-        yield url
-
-
-@pytest.fixture
-async def url(tmp_path: Path) -> AsyncIterator[str]:
-    instance = Pigeon(tmp_path / "data")
-    await instance.start()
-    try:
-        assert instance.server is not None
-        yield instance.server.url
-    finally:
-        await instance.stop()
+# The differential tests' fixtures: nats-server (one per module) and pigeon (one per test).
+reference = differential.reference
+pigeon = differential.pigeon
+url = differential.url
 
 
-async def ack_all(server_url: str, stream: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+@contextlib.asynccontextmanager
+async def consumer_on(
+    server_url: str, stream: str, messages: int, policy: str, ack_wait: float
+) -> AsyncIterator[tuple[nats.js.JetStreamContext, Any, dict[str, Any]]]:
+    """A stream holding ``messages`` messages and a pull consumer named after ``policy``: yields
+    the JetStream context, the bound subscription and the scenario's record (the policy the
+    server reports is in it already); the stream is deleted after."""
     async with client(server_url) as nc:
         js = nc.jetstream(timeout=T)
         await js.add_stream(name=stream, subjects=[stream])
-        for i in range(8):
+        for i in range(messages):
             await js.publish(stream, b"%d" % i)
-        info = await js.add_consumer(stream, durable_name="all", ack_policy="all", ack_wait=2)
-        out["config"] = info.config.ack_policy
-        sub = await js.pull_subscribe_bind("all", stream=stream)
+        info = await js.add_consumer(stream, durable_name=policy, ack_policy=policy, ack_wait=ack_wait)
+        out = {"config": info.config.ack_policy}
+        yield js, await js.pull_subscribe_bind(policy, stream=stream), out
+        await js.delete_stream(stream)
+
+
+async def ack_all(server_url: str, stream: str) -> dict[str, Any]:
+    async with consumer_on(server_url, stream, 8, "all", 2) as (js, sub, out):
         first = await sub.fetch(5, timeout=T)
         out["first"] = [m.data for m in first]
         await first[2].ack_sync(timeout=T)  # covers the two before it
@@ -60,7 +59,6 @@ async def ack_all(server_url: str, stream: str) -> dict[str, Any]:
         out["policy changed"] = await failure(
             js.add_consumer(stream, durable_name="all", ack_policy="explicit", ack_wait=2)
         )
-        await js.delete_stream(stream)
     return out
 
 
@@ -73,15 +71,7 @@ async def test_an_ack_covers_every_message_delivered_before_it(reference: str, u
 
 
 async def ack_none(server_url: str, stream: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    async with client(server_url) as nc:
-        js = nc.jetstream(timeout=T)
-        await js.add_stream(name=stream, subjects=[stream])
-        for i in range(5):
-            await js.publish(stream, b"%d" % i)
-        info = await js.add_consumer(stream, durable_name="none", ack_policy="none", ack_wait=0.5)
-        out["config"] = info.config.ack_policy
-        sub = await js.pull_subscribe_bind("none", stream=stream)
+    async with consumer_on(server_url, stream, 5, "none", 0.5) as (js, sub, out):
         msgs = await sub.fetch(3, timeout=T)
         out["fetched"] = [(m.data, m.metadata.sequence.stream, m.metadata.num_delivered) for m in msgs]
         out["state"] = consumer_state(await js.consumer_info(stream, "none"))
@@ -89,7 +79,6 @@ async def ack_none(server_url: str, stream: str) -> dict[str, Any]:
         rest = await fetched(sub, 10, 1.5)  # longer than ack_wait: nothing is redelivered
         out["rest"] = [(m.data, m.metadata.num_delivered) for m in rest]
         out["end"] = consumer_state(await js.consumer_info(stream, "none"))
-        await js.delete_stream(stream)
     return out
 
 
