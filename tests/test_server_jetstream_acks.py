@@ -142,3 +142,22 @@ async def test_acks_count_however_they_come(url: str) -> None:
             assert time.monotonic() < deadline, f"{info.num_ack_pending} acks not applied"
             await asyncio.sleep(0.02)
         assert (info.ack_floor.stream_seq, seen) == (5, [msgs[2].reply])
+
+
+async def test_an_ack_all_after_a_restart_covers_what_was_delivered_before(pigeon: Any) -> None:
+    async with client(pigeon.server.url) as nc:
+        js = nc.jetstream(timeout=T)
+        await js.add_stream(name="again", subjects=["again"])
+        for i in range(4):
+            await js.publish("again", b"%d" % i)
+        await js.add_consumer("again", durable_name="all", ack_policy="all")
+        msgs = await (await js.pull_subscribe_bind("all", stream="again")).fetch(3, timeout=T)
+    await pigeon.stop()  # the three leases are gone; the group still counts them unfinished
+    url = await pigeon.start()
+    async with client(url) as nc:
+        js = nc.jetstream(timeout=T)
+        await nc.request(msgs[2].reply, b"+ACK", timeout=T)  # what ack_sync sends
+        info = await js.consumer_info("again", "all")
+        assert (info.num_ack_pending, info.ack_floor.stream_seq) == (0, 3)
+        rest = await fetched(await js.pull_subscribe_bind("all", stream="again"), 10, 0.5)
+        assert [m.data for m in rest] == [b"3"], "nothing before the ack comes again"

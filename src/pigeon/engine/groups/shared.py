@@ -369,8 +369,8 @@ class SharedGroup(GroupBase):
             return
         try:
             messages = partition.fetch(st.cursor, _READ_AHEAD)
-        except PigeonError:
-            return  # a damaged or closed log: the next read proper reports it
+        except (PigeonError, OSError, ValueError):
+            return  # a damaged log, or one closed meanwhile: the next read proper reports it
         if messages and sum([len(m.payload) for m in messages]) <= _READ_AHEAD_BYTES:
             st.ahead = messages
             st.ahead_from = st.cursor

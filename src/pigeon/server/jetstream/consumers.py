@@ -350,8 +350,8 @@ class PullConsumer:
         if self.meta.ack_policy == "all" and acks:
             last_offset = max(acks)[0] - 1
             acks = [(o + 1, 0) for o in self.outstanding if o < last_offset] + [max(acks)]
-            # and the messages before it that wait to come again (nacked, expired)
-            await self.member.ack_waiting(last_offset)
+            # and those not out on lease: nacked, expired, or delivered before a restart
+            await self.member.ack_waiting(last_offset + 1)
         held: dict[int, tuple[Delivery, int]] = {}
         for stream_seq, consumer_seq in acks:
             delivery = self.outstanding.get(stream_seq - 1)
@@ -377,13 +377,13 @@ class PullConsumer:
     async def settle(self, stream_seq: int, consumer_seq: int, payload: bytes) -> None:
         """Apply an ack (+ACK or empty, -NAK [{"delay": ns}], +TERM, +WPI) to a delivery."""
         offset = stream_seq - 1
-        delivery = self.outstanding.get(offset)
-        if delivery is None:
-            return  # settled already, or delivered before a restart: nothing holds it
         verb, _, rest = payload.strip().partition(b" ")
         if self.meta.ack_policy == "all" and verb in (b"", b"+ACK", b"+NXT"):
             await self.ack_many([(stream_seq, consumer_seq)])
             return
+        delivery = self.outstanding.get(offset)
+        if delivery is None:
+            return  # settled already, or delivered before a restart: nothing holds it
         try:
             if verb == b"+WPI":
                 await delivery.in_progress()
