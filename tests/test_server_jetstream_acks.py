@@ -109,14 +109,21 @@ async def raw_ack(url: str, connect: str, frame: bytes, answer: bytes) -> None:
         writer.close()
 
 
+async def delivered(js: nats.js.JetStreamContext, stream: str, policy: str, count: int) -> list[Any]:
+    """A new stream of ``count + 1`` messages and a consumer "c" with ack ``policy``; the first
+    ``count`` messages fetched by it."""
+    await js.add_stream(name=stream, subjects=[stream])
+    for i in range(count + 1):
+        await js.publish(stream, b"%d" % i)
+    await js.add_consumer(stream, durable_name="c", ack_policy=policy)
+    msgs: list[Any] = await (await js.pull_subscribe_bind("c", stream=stream)).fetch(count, timeout=T)
+    return msgs
+
+
 async def test_acks_count_however_they_come(url: str) -> None:
     async with client(url) as nc, client(url) as watcher_nc:
         js = nc.jetstream(timeout=T)
-        await js.add_stream(name="ways", subjects=["ways"])
-        for i in range(5):
-            await js.publish("ways", b"%d" % i)
-        await js.add_consumer("ways", durable_name="c", ack_policy="explicit")
-        msgs = await (await js.pull_subscribe_bind("c", stream="ways")).fetch(5, timeout=T)
+        msgs = await delivered(js, "ways", "explicit", 5)
         # A verbose client is answered +OK per operation; a pedantic one sends headers too.
         reply = [m.reply.encode() for m in msgs]
         await raw_ack(url, '{"verbose":true}', b"PUB %b 0\r\n\r\n" % reply[0], b"+OK\r\n+OK\r\n")
@@ -146,18 +153,13 @@ async def test_acks_count_however_they_come(url: str) -> None:
 
 async def test_an_ack_all_after_a_restart_covers_what_was_delivered_before(pigeon: Any) -> None:
     async with client(pigeon.server.url) as nc:
-        js = nc.jetstream(timeout=T)
-        await js.add_stream(name="again", subjects=["again"])
-        for i in range(4):
-            await js.publish("again", b"%d" % i)
-        await js.add_consumer("again", durable_name="all", ack_policy="all")
-        msgs = await (await js.pull_subscribe_bind("all", stream="again")).fetch(3, timeout=T)
+        msgs = await delivered(nc.jetstream(timeout=T), "again", "all", 3)
     await pigeon.stop()  # the three leases are gone; the group still counts them unfinished
     url = await pigeon.start()
     async with client(url) as nc:
         js = nc.jetstream(timeout=T)
         await nc.request(msgs[2].reply, b"+ACK", timeout=T)  # what ack_sync sends
-        info = await js.consumer_info("again", "all")
+        info = await js.consumer_info("again", "c")
         assert (info.num_ack_pending, info.ack_floor.stream_seq) == (0, 3)
-        rest = await fetched(await js.pull_subscribe_bind("all", stream="again"), 10, 0.5)
+        rest = await fetched(await js.pull_subscribe_bind("c", stream="again"), 10, 0.5)
         assert [m.data for m in rest] == [b"3"], "nothing before the ack comes again"
