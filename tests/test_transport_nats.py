@@ -496,9 +496,11 @@ async def test_ordered_nack_rewinds_to_the_failed_message(
     nats_transport: NatsTransport, streams: Streams
 ) -> None:
     stream, prefix = await streams.make()
-    consumer = await nats_transport.consumer(stream, ConsumerSpec(unique_name("o"), kind="ordered"))
+    # Stored before the member joins: its first read must see all four of the batch (a read
+    # racing the publishes could take fewer, and an unsettled batch holds the rest back).
     for i in range(6):
         await nats_transport.publish(f"{prefix}.x", str(i).encode())
+    consumer = await nats_transport.consumer(stream, ConsumerSpec(unique_name("o"), kind="ordered"))
     batch = await drain(consumer, 4, ack=False, batch=4)
     assert payloads(batch) == [b"0", b"1", b"2", b"3"]
     await batch[0].ack()
