@@ -117,10 +117,14 @@ class _WorkQueue:
         self._waiter: asyncio.Future[None] | None = None
 
     def put_nowait(self, item: _Work) -> None:
-        self.put_many([item])
+        self._items.append(item)  # once per message published into a stream: no list made
+        self._wake()
 
     def put_many(self, items: list[_Work]) -> None:
         self._items.extend(items)
+        self._wake()
+
+    def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

@@ -348,8 +348,9 @@ class PullConsumer:
         """Plain acks of several deliveries, as (stream seq, consumer seq): one state-log write.
         With ack policy "all", the highest covers every delivery before it as well."""
         if self.meta.ack_policy == "all" and acks:
-            last_offset = max(acks)[0] - 1
-            acks = [(o + 1, 0) for o in self.outstanding if o < last_offset] + [max(acks)]
+            last = max(acks)
+            last_offset = last[0] - 1
+            acks = [(o + 1, 0) for o in self.outstanding if o < last_offset] + [last]
             # and those not out on lease: nacked, expired, or delivered before a restart
             await self.member.ack_waiting(last_offset + 1)
         held: dict[int, tuple[Delivery, int]] = {}
