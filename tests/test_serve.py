@@ -4,6 +4,7 @@ user mistakes with one line, and lose nothing acknowledged when killed mid-load.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import subprocess
@@ -143,6 +144,33 @@ def test_ports_in_use_are_refused(served: Served, tmp_path: Path) -> None:
 def test_bad_arguments_get_one_line(tmp_path: Path) -> None:
     assert "--port" in one_line_error(run_exits(tmp_path, "--port", "nope"))
     assert "--http-port" in one_line_error(run_exits(tmp_path, "--http-port", "70000"))
+    assert "--busy-poll" in one_line_error(run_exits(tmp_path, "--busy-poll", "10001"))
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+async def test_busy_poll_serves_and_costs_nothing_while_idle(data: Path) -> None:
+    server = Served(data, 0, "--busy-poll", "10000").wait_listening()
+    try:
+        nc = await nats.connect(server.nats_url, connect_timeout=T)
+        try:
+            js = nc.jetstream(timeout=T)
+            await js.add_stream(name="polled", subjects=["polled.>"])
+            for n in range(1, 51):
+                assert (await js.publish("polled.x", b"%d" % n)).seq == n
+            # Busy, then idle: after the window (10 ms) it sleeps, so a second of
+            # silence costs next to no CPU time.
+            await asyncio.sleep(0.1)
+            before = cpu_seconds(server.process.pid)
+            await asyncio.sleep(1.0)
+            assert cpu_seconds(server.process.pid) - before < 0.2
+        finally:
+            await nc.close()
+    finally:
+        assert server.stop() == 0
 
 
 # -- crash test ----------------------------------------------------------------------------

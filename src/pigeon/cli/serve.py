@@ -11,6 +11,7 @@ import typer
 
 from ..engine.config import Durability
 from ..errors import PigeonError
+from ..server.busy_poll import MAX_BUSY_POLL_US, loop_factory
 from ..server.http import DEFAULT_HTTP_PORT
 from ..server.nats import DEFAULT_PORT
 from ..server.serve import ServeOptions, run
@@ -54,6 +55,15 @@ def serve(
             "PubAck, 'interval' every 100 ms, 'never' leaves it to the OS."
         ),
     ] = "interval",
+    busy_poll: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=MAX_BUSY_POLL_US,
+            help="Microseconds to keep polling for the next request before sleeping, once busy: "
+            "lower latency for CPU time (docs/architecture.md). 0 sleeps at once.",
+        ),
+    ] = 0,
 ) -> None:
     """Serve the data folder to NATS clients (core and JetStream) until SIGTERM or SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -68,7 +78,8 @@ def serve(
         durability=durability,
     )
     try:
-        asyncio.run(run(options))
+        with asyncio.Runner(loop_factory=loop_factory(busy_poll)) as runner:
+            runner.run(run(options))
     except (PigeonError, OSError) as error:
         typer.echo(f"pigeon serve: {error}", err=True)
         raise typer.Exit(1) from None

@@ -16,6 +16,7 @@ __all__ = ["SYSTEMS", "System", "Unreachable", "load_system"]
 SYSTEMS = {
     "pigeon_embedded": "pigeon_embedded:PigeonEmbedded",
     "pigeon_serve": "jetstream:PigeonServe",
+    "pigeon_serve_busy_poll": "jetstream:PigeonServeBusyPoll",
     "nats_jetstream": "jetstream:NatsJetStream",
     "redis_streams": "redis_streams:RedisStreams",
     "rabbitmq": "rabbitmq:RabbitMQ",

@@ -155,15 +155,24 @@ class PigeonServe(_JetStream):
     name = "pigeon_serve"
     title = "pigeon serve (nats-py, JetStream API)"
     kind = "pigeon"
+    serve_options: tuple[str, ...] = ()
 
     @classmethod
     @contextlib.asynccontextmanager
     async def provision(cls, scratch: Path) -> AsyncIterator[Where]:
         port = free_port()
         data = scratch / cls.name
-        command = [sys.executable, "-m", "pigeon.cli", "serve", "--data", str(data)]
+        command = [sys.executable, "-m", "pigeon.cli", "serve", "--data", str(data), *cls.serve_options]
         async with running([*command, "--port", str(port), "--http-port", "0"], port) as where:
             yield where
+
+
+class PigeonServeBusyPoll(PigeonServe):
+    """pigeon serve polling 500 µs before it sleeps: what a latency-tuned deployment gets."""
+
+    name = "pigeon_serve_busy_poll"
+    title = "pigeon serve --busy-poll 500 (nats-py, JetStream API)"
+    serve_options = ("--busy-poll", "500")
 
 
 class NatsJetStream(_JetStream):
