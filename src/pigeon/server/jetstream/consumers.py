@@ -265,13 +265,14 @@ class PullConsumer:
                 left -= len(wanted)
                 if wanted and no_wait:
                     waits = False  # the first messages came: the rest only if they are there now
+                if left and not waits and len(deliveries) < asked:  # nothing more there now
+                    # In the same write as the messages: the client's fetch returns on it.
+                    self.server.publish(reply, headers=_NO_MESSAGES)
+                    return
                 if left and wanted:
                     # Let this chunk go out before making the next: the client parses it
                     # while the server prepares the rest.
                     await asyncio.sleep(0)
-                if left and not waits and len(deliveries) < asked:  # nothing more there now
-                    self.server.publish(reply, headers=_NO_MESSAGES)
-                    return
                 if left and deadline is not None and time.monotonic() >= deadline:
                     status = b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: %d\r\n" % left
                     self.server.publish(reply, headers=status + b"Nats-Pending-Bytes: 0\r\n\r\n")
