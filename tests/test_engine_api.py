@@ -1073,7 +1073,18 @@ async def test_non_bytes_payload(engine: Engine, payload: Any) -> None:
         await engine.publish("orders.x", payload)
     with pytest.raises(InvalidMessageError, match="payload"):
         await engine.publish_batch([Message("orders.x", b"ok"), Message("orders.x", payload)])
+    with pytest.raises(InvalidMessageError, match="payloads"):
+        await engine.publish_many("orders.x", [b"ok", payload, b"ok"])
     assert engine.stream_info("orders").messages == 0
+
+
+async def test_publish_many_takes_bytes_subclasses(engine: Engine) -> None:
+    class Payload(bytes):
+        pass
+
+    await engine.create_stream(cfg())
+    await engine.publish_many("orders.x", [b"a", Payload(b"b")])
+    assert [m.payload for m in engine.fetch("orders", 0, 0)] == [b"a", b"b"]
 
 
 @pytest.mark.parametrize(
