@@ -147,6 +147,11 @@ def encode_plain_records(subject: str, payloads: Sequence[bytes]) -> list[bytes]
     overhead = 3 + len(subject_bytes)
     pack = _RECORD.pack
     subject_len = len(subject_bytes)
+    sizes = set(map(len, payloads))
+    if len(sizes) == 1:
+        # Payloads of one size (the usual bulk load) share their record head: one concatenation each.
+        head = pack(overhead + sizes.pop(), 0, subject_len) + subject_bytes
+        return [head + p for p in payloads]
     return [pack(overhead + len(p), 0, subject_len) + subject_bytes + p for p in payloads]
 
 
