@@ -17,6 +17,9 @@ from pigeon.server.busy_poll import MAX_BUSY_POLL_US, BusyPollSelector, loop_fac
 
 Pair = tuple[socket.socket, socket.socket]
 WINDOW_US = MAX_BUSY_POLL_US  # long enough to tell spinning from sleeping by the CPU time it takes
+# Spinning shows as CPU time only while this process has a CPU; on a shared machine it may
+# lose it for a while, so the tests that expect spinning take the best of a few tries.
+TRIES = 3
 
 
 @pytest.fixture
@@ -44,12 +47,15 @@ def cpu_and_wall(poll: selectors.BaseSelector, timeout: float | None) -> tuple[f
 
 
 def test_after_a_busy_poll_it_spins_for_the_window_then_waits(pair: Pair) -> None:
-    selector = busy_selector(WINDOW_US, *pair)
-    cpu, wall, found = cpu_and_wall(selector, 0.2)
-    assert found == 0 and wall >= 0.19
-    # Spinning shows as CPU time; the rest of the timeout was slept.
-    assert 0.005 <= cpu <= 0.1, cpu
-    selector.close()
+    attempts = []
+    for _ in range(TRIES):
+        selector = busy_selector(WINDOW_US, *pair)
+        cpu, wall, found = cpu_and_wall(selector, 0.2)
+        selector.close()
+        assert found == 0 and wall >= 0.19
+        assert cpu <= 0.1, cpu  # the rest of the timeout was slept
+        attempts.append(cpu)
+    assert max(attempts) >= 0.005, attempts
 
 
 def test_after_an_idle_poll_it_sleeps_at_once(pair: Pair) -> None:
@@ -76,11 +82,13 @@ def test_a_timeout_shorter_than_the_window_is_kept(pair: Pair) -> None:
 
 def test_callbacks_waiting_keep_it_busy(pair: Pair) -> None:
     """The loop polls with timeout 0 while callbacks wait: finding nothing then is not idleness."""
-    selector = busy_selector(WINDOW_US, *pair)
-    assert selector.select(0) == []
-    cpu, _, _ = cpu_and_wall(selector, 0.1)
-    assert cpu >= 0.005, cpu
-    selector.close()
+    attempts = []
+    for _ in range(TRIES):
+        selector = busy_selector(WINDOW_US, *pair)
+        assert selector.select(0) == []
+        attempts.append(cpu_and_wall(selector, 0.1)[0])
+        selector.close()
+    assert max(attempts) >= 0.005, attempts
 
 
 def test_what_arrives_while_it_spins_is_returned_at_once(pair: Pair) -> None:
